@@ -1,0 +1,66 @@
+"""bnsurgery: surgery on BatchNormalization in ONNX models.
+
+Public API (every function accepts a path, bytes or an onnx.ModelProto):
+
+    fold(model, ...) -> PassResult            fold BN into neighbouring linear ops
+    info(model, ...) -> FoldReport            what fold would do, without rewriting
+    load_model(source) / save_model(model, path)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bnsurgery.io import ModelSource
+    from bnsurgery.passes import PassResult
+    from bnsurgery.passes.fold import FoldReport
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ModelProto, with its external data."""
+    from bnsurgery.io import load_model as _load
+
+    return _load(source, check=check)
+
+
+def save_model(model: onnx.ModelProto, path: Any, *, external_data: bool | None = None) -> Any:
+    """Write a model atomically (external data beside it when over 2 GB or when asked)."""
+    from bnsurgery.io import save_model as _save
+
+    return _save(model, path, external_data=external_data)
+
+
+def fold(
+    model: ModelSource,
+    *,
+    backward: bool = True,
+    affine: bool = True,
+    verify: bool = False,
+    **verify_options: Any,
+) -> PassResult:
+    """Fold every foldable BatchNormalization; the report names every BN and why it stayed.
+
+    verify=True runs the original and the folded model on ONNX Runtime CPU (optimizations
+    off) and records the error in the report; it raises CheckFailed beyond tolerance.
+    """
+    from bnsurgery.passes.fold import FoldPass
+
+    result = FoldPass(backward=backward, affine=affine)(load_model(model))
+    if verify:
+        from bnsurgery.verify import verify_fold
+
+        verify_fold(load_model(model, check=False), result, **verify_options)
+    return result
+
+
+def info(model: ModelSource, *, backward: bool = True, affine: bool = True) -> FoldReport:
+    """The fold report (dry run): every BN and what fold would do with it."""
+    return fold(model, backward=backward, affine=affine).report  # type: ignore[return-value]
+
+
+__all__ = ["__version__", "fold", "info", "load_model", "save_model"]

@@ -1,0 +1,171 @@
+"""Execution-provider aliases, availability, and sessions whose placement is verified.
+
+ONNX Runtime silently falls back to CPU when a requested provider fails to load (a missing CUDA
+or cuDNN library, for instance). A session made here checks `get_providers()` afterwards and
+raises EnvironmentProblem (exit 3) unless fallback was explicitly allowed, in which case the
+fallback is recorded in the SessionInfo for the report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from bnsurgery.errors import BadInputError, EnvironmentProblem
+
+ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+OPT_LEVELS = {
+    "disable_all": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def resolve_alias(alias: str) -> str:
+    """The ORT provider name of an alias (or of a full provider name)."""
+    key = alias.strip().lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    if alias in ALIASES.values():
+        return alias
+    known = ", ".join(ALIASES)
+    raise BadInputError(f"unknown execution provider '{alias}' (known: {known})")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+@dataclass
+class ProviderConfig:
+    """What to ask ONNX Runtime for: one provider, its options, the optimisation level."""
+
+    alias: str = "cpu"
+    opt_level: str = "disable_all"
+    allow_fallback: bool = False
+    cuda_tf32: bool = False
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    device_id: int = 0
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+    def provider_options(self) -> dict[str, str]:
+        name = resolve_alias(self.alias)
+        if name == "CUDAExecutionProvider":
+            return {
+                "device_id": str(self.device_id),
+                "use_tf32": "1" if self.cuda_tf32 else "0",
+                "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+            }
+        if name == "TensorrtExecutionProvider":
+            return {"device_id": str(self.device_id)}
+        return {}
+
+
+@dataclass
+class SessionInfo:
+    """What actually ran: requested vs active providers, options, level and threads."""
+
+    requested: str
+    active: list[str]
+    provider_options: dict[str, str]
+    opt_level: str
+    intra_op_threads: int
+    inter_op_threads: int
+    fallback: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "active": self.active,
+            "provider_options": self.provider_options,
+            "graph_optimization_level": self.opt_level,
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "fallback": self.fallback,
+            "notes": self.notes,
+        }
+
+
+def session_options(config: ProviderConfig):  # -> ort.SessionOptions
+    import onnxruntime as ort
+
+    if config.opt_level not in OPT_LEVELS:
+        raise BadInputError(
+            f"unknown graph optimization level '{config.opt_level}' "
+            f"(known: {', '.join(OPT_LEVELS)})"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level]
+    )
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.log_severity_level = 3
+    return options
+
+
+def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
+                   config: ProviderConfig | None = None):  # fmt: skip
+    """An InferenceSession on the configured provider, with its placement verified.
+
+    Returns (session, SessionInfo). Raises EnvironmentProblem when the provider is not
+    available or did not load, unless config.allow_fallback.
+    """
+    import onnxruntime as ort
+
+    config = config or ProviderConfig()
+    wanted = resolve_alias(config.alias)
+    info = SessionInfo(
+        requested=wanted,
+        active=[],
+        provider_options=config.provider_options(),
+        opt_level=OPT_LEVELS.get(config.opt_level, config.opt_level),
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
+    )
+    available = available_providers()
+    providers: list[Any] = []
+    if wanted not in available:
+        reason = f"execution provider {wanted} ({config.alias}) is not available in this " \
+            f"onnxruntime build (available: {', '.join(available)})"  # fmt: skip
+        if not config.allow_fallback:
+            raise EnvironmentProblem(reason)
+        info.notes.append(f"FALLBACK: {reason}; running on CPUExecutionProvider")
+    else:
+        providers.append((wanted, info.provider_options))
+    if wanted != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(payload, os.PathLike):
+        payload = os.fspath(payload)
+    session = ort.InferenceSession(
+        payload, sess_options=session_options(config), providers=providers or None
+    )
+    info.active = list(session.get_providers())
+    if wanted not in info.active:
+        reason = f"execution provider {wanted} did not load (active: {', '.join(info.active)}); " \
+            "check the CUDA/cuDNN libraries and the onnxruntime-gpu install"  # fmt: skip
+        if not config.allow_fallback:
+            raise EnvironmentProblem(reason)
+        if not info.notes:
+            info.notes.append(f"FALLBACK: {reason}")
+        info.fallback = True
+    elif info.notes:
+        info.fallback = True
+    return session, info
