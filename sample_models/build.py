@@ -24,23 +24,26 @@ import logging
 import random
 import time
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 SEED = 0
 OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter's native opset; down-converting its graph to 17 fails
 ATOL = 1e-4
+ModelT = TypeVar("ModelT", bound=nn.Module)
 DYNAMIC_AXES = {"input": {0: "batch"}, "logits": {0: "batch"}}
 
 
@@ -87,12 +90,8 @@ def load_split() -> Split:
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.3, stratify=y, random_state=SEED
-    )
-    return Split(
-        np.ascontiguousarray(x_tr), y_tr, np.ascontiguousarray(x_te), y_te
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=SEED)
+    return Split(np.ascontiguousarray(x_tr), y_tr, np.ascontiguousarray(x_te), y_te)
 
 
 class DigitsCNN(nn.Module):
@@ -193,8 +192,9 @@ def randomize_bn(model: nn.Module, seed: int = SEED) -> None:
     """Give every BN random but plausible statistics and affine parameters."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             c = m.num_features
+            assert m.running_mean is not None and m.running_var is not None
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
@@ -202,9 +202,7 @@ def randomize_bn(model: nn.Module, seed: int = SEED) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def train(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch: int = 64
-) -> nn.Module:
+def train(model: ModelT, x: np.ndarray, y: np.ndarray, epochs: int, batch: int = 64) -> ModelT:
     """Train with Adam and cross-entropy; leaves the model in eval mode."""
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -217,7 +215,8 @@ def train(
             opt.zero_grad()
             F.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
-    return model.eval()
+    model.eval()
+    return model
 
 
 def torch_predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -257,21 +256,29 @@ def export_dynamo(model: nn.Module, example: np.ndarray, path: Path) -> onnx.Mod
     )
     assert program is not None
     program.save(str(path), external_data=False)
-    return onnx.load(str(path))
+    proto = strip_stack_traces(onnx.load(str(path)))
+    onnx.save(proto, str(path))
+    return proto
 
 
-def fuse_bn(model: DigitsCNN) -> DigitsCNN:
+def strip_stack_traces(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the dynamo exporter's per-node stack traces: build paths and line numbers."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return model
+
+
+def fuse_bn(model: DigitsCNN) -> nn.Module:
     """Fold every BN of a trained DigitsCNN into its Conv/Linear (a copy), BNs -> Identity."""
-    from copy import deepcopy
-
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
     fused = deepcopy(model).eval()
-    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-        setattr(fused, conv, fuse_conv_bn_eval(getattr(fused, conv), getattr(fused, bn)))
-        setattr(fused, bn, nn.Identity())
-    fused.fc1 = fuse_linear_bn_eval(fused.fc1, fused.bn4)
-    fused.bn4 = nn.Identity()
+    pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("fc1", "bn4"))
+    for layer_name, bn_name in pairs:
+        layer, bn = getattr(fused, layer_name), getattr(fused, bn_name)
+        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+        setattr(fused, layer_name, fuse(layer, bn))
+        setattr(fused, bn_name, nn.Identity())
     return fused
 
 
@@ -404,8 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Build every artifact into --out and verify each one."""
-    args: Any = parse_args(argv)
-    out: Path = args.out
+    out: Path = parse_args(argv).out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     quiet_exporters()
