@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli import emit, info, json_option
+from bnsurgery.cli import emit, json_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.io import load_model, resolve_output_path, save_model
@@ -127,8 +127,6 @@ def fold_command(
     )
     if failure is not None:
         raise CheckFailed(f"{failure}; {target} was not written")
-    if written is not None and not as_json:
-        info(f"folded {len(report.folded)} of {report.bns_before} BatchNormalization nodes")
 
 
 @click.command("info")
