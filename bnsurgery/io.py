@@ -204,7 +204,8 @@ def save_model(
                 location=data_name,
                 size_threshold=1024,
             )
-            os.replace(staging / data_name, folder / data_name)
+            if (staging / data_name).exists():  # every tensor under the threshold: none
+                os.replace(staging / data_name, folder / data_name)
         else:
             with open(staged_model, "wb") as fh:
                 fh.write(model.SerializeToString())
