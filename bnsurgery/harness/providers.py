@@ -44,10 +44,51 @@ def resolve_alias(alias: str) -> str:
     raise BadInputError(f"unknown execution provider '{alias}' (known: {known})")
 
 
+INSTALL_HINTS = {
+    "CUDAExecutionProvider": "install onnxruntime-gpu (pip install 'bnsurgery[gpu]') on a "
+    "machine with an NVIDIA GPU, CUDA and cuDNN",
+    "TensorrtExecutionProvider": "install onnxruntime-gpu built with TensorRT, and TensorRT",
+    "OpenVINOExecutionProvider": "install onnxruntime-openvino",
+    "DmlExecutionProvider": "install onnxruntime-directml (Windows)",
+    "CoreMLExecutionProvider": "use the onnxruntime wheel for macOS",
+}
+
+CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+def parse_providers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`cpu,cuda` (or a sequence) -> validated, lower-case aliases in the given order.
+
+    An unknown alias or a repeated provider is bad input (exit 2).
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    aliases: list[str] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        name = resolve_alias(item)
+        alias = next((a for a, n in ALIASES.items() if n == name), item)
+        if name in seen:
+            raise BadInputError(f"execution provider '{item}' is given twice")
+        seen[name] = alias
+        aliases.append(alias)
+    if not aliases:
+        raise BadInputError("no execution provider given (for example --providers cpu,cuda)")
+    return aliases
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
+
+
+def availability() -> dict[str, bool]:
+    """Every known alias and whether this onnxruntime build offers its provider."""
+    available = set(available_providers())
+    return {alias: name in available for alias, name in ALIASES.items()}
 
 
 @dataclass
@@ -62,6 +103,22 @@ class ProviderConfig:
     device_id: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+
+    def validate(self) -> None:
+        """Raise BadInputError on an unknown alias, level or CUDA option value."""
+        resolve_alias(self.alias)
+        if self.opt_level not in OPT_LEVELS:
+            raise BadInputError(
+                f"unknown graph optimization level '{self.opt_level}' "
+                f"(known: {', '.join(OPT_LEVELS)})"
+            )
+        if self.cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
+            raise BadInputError(
+                f"unknown cudnn_conv_algo_search '{self.cudnn_conv_algo_search}' "
+                f"(known: {', '.join(CUDNN_CONV_ALGO_SEARCH)})"
+            )
+        if self.device_id < 0 or self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise BadInputError("device id and thread counts must be >= 0")
 
     def provider_options(self) -> dict[str, str]:
         name = resolve_alias(self.alias)
@@ -88,16 +145,34 @@ class SessionInfo:
     inter_op_threads: int
     fallback: bool = False
     notes: list[str] = field(default_factory=list)
+    alias: str = ""
+    effective_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    onnxruntime_version: str = ""
+
+    @property
+    def ran_on(self) -> str:
+        """The provider that actually ran the graph (the first active one)."""
+        return self.active[0] if self.active else "none"
+
+    def describe(self) -> str:
+        """`cuda -> CPUExecutionProvider (FALLBACK)` or `cpu (CPUExecutionProvider)`."""
+        if self.fallback:
+            return f"{self.alias or self.requested} -> {self.ran_on} (FALLBACK)"
+        return f"{self.alias or self.requested} ({self.ran_on})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "alias": self.alias,
             "requested": self.requested,
             "active": self.active,
+            "ran_on": self.ran_on,
+            "fallback": self.fallback,
             "provider_options": self.provider_options,
+            "effective_provider_options": self.effective_options,
             "graph_optimization_level": self.opt_level,
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
-            "fallback": self.fallback,
+            "onnxruntime_version": self.onnxruntime_version,
             "notes": self.notes,
         }
 
@@ -130,6 +205,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     import onnxruntime as ort
 
     config = config or ProviderConfig()
+    config.validate()
     wanted = resolve_alias(config.alias)
     info = SessionInfo(
         requested=wanted,
@@ -138,12 +214,18 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         opt_level=OPT_LEVELS.get(config.opt_level, config.opt_level),
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
+        alias=config.alias,
+        onnxruntime_version=ort.__version__,
     )
     available = available_providers()
     providers: list[Any] = []
     if wanted not in available:
-        reason = f"execution provider {wanted} ({config.alias}) is not available in this " \
-            f"onnxruntime build (available: {', '.join(available)})"  # fmt: skip
+        reason = (
+            f"execution provider {wanted} ({config.alias}) is not available in this "
+            f"onnxruntime build (available: {', '.join(available)})"
+        )
+        if wanted in INSTALL_HINTS:
+            reason += f"; {INSTALL_HINTS[wanted]}"
         if not config.allow_fallback:
             raise EnvironmentProblem(reason)
         info.notes.append(f"FALLBACK: {reason}; running on CPUExecutionProvider")
@@ -158,6 +240,13 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         payload, sess_options=session_options(config), providers=providers or None
     )
     info.active = list(session.get_providers())
+    try:
+        info.effective_options = {
+            k: {ok: str(ov) for ok, ov in v.items()}
+            for k, v in session.get_provider_options().items()
+        }
+    except Exception:  # older builds: the requested options are all we know
+        info.effective_options = {}
     if wanted not in info.active:
         reason = f"execution provider {wanted} did not load (active: {', '.join(info.active)}); " \
             "check the CUDA/cuDNN libraries and the onnxruntime-gpu install"  # fmt: skip

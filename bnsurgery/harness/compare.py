@@ -1,0 +1,415 @@
+"""Models x providers against one reference, and the first layer where they part ways.
+
+The reference is the REFERENCE model on the first provider (graph optimizations off unless
+asked). Every other (model, provider) pair runs on the same batches and is judged output by
+output (harness.metrics); the comparison fails when any output is beyond tolerance.
+
+`layerwise` adds every mapped intermediate tensor (harness.matching) as an output of a copy of
+each model and finds, in the reference's topological order, the first tensor beyond tolerance:
+the node that produced it is where the divergence starts.
+
+Data streams: one batch is held at a time, and metrics accumulate across batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bnsurgery.errors import BadInputError
+from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
+from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
+from bnsurgery.harness.providers import ProviderConfig, SessionInfo, parse_providers
+from bnsurgery.harness.runner import Runner, progress
+from bnsurgery.harness.stability import StabilityReport
+
+SCHEMA = "bnsurgery.compare/1"
+
+
+@dataclass
+class PairResult:
+    """One (model, provider) pair judged against the reference, output by output."""
+
+    model: str  # "reference" | "candidate"
+    provider: str  # the alias asked for
+    session: SessionInfo
+    outputs: list[ErrorMetrics]
+
+    @property
+    def passed(self) -> bool:
+        return all(m.passed for m in self.outputs)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} on {self.session.describe()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "passed": self.passed,
+            "session": self.session.to_dict(),
+            "outputs": [m.to_dict() for m in self.outputs],
+        }
+
+
+@dataclass
+class LayerRecord:
+    match: TensorMatch
+    metrics: ErrorMetrics
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "tensor": self.match.reference,
+            "candidate_tensor": self.match.candidate,
+            "matched_by": self.match.how,
+            "node": self.match.reference_node,
+            "op_type": self.match.reference_op,
+            "candidate_node": self.match.candidate_node,
+            "candidate_op_type": self.match.candidate_op,
+            "passed": m.passed,
+            "max_abs": m.to_dict()["max_abs"],
+            "max_rel": m.to_dict()["max_rel"],
+            "mean_abs": m.to_dict()["mean_abs"],
+            "cosine": m.to_dict()["cosine"],
+            "min_atol": m.to_dict()["min_atol"],
+            "atol": m.atol,
+            "rtol": m.rtol,
+            "mismatched": m.mismatched,
+        }
+
+
+@dataclass
+class LayerwiseResult:
+    """The layer-wise comparison of one pair: every matched tensor and the first divergence."""
+
+    model: str
+    provider: str
+    layers: list[LayerRecord]
+    unmatched: list[TensorMatch]
+
+    @property
+    def first_divergence(self) -> LayerRecord | None:
+        return next((layer for layer in self.layers if not layer.metrics.passed), None)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"matched": len(self.layers), "unmatched": len(self.unmatched)}
+        for how in ("map", "structure", "name"):
+            counts[f"by_{how}"] = sum(1 for layer in self.layers if layer.match.how == how)
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "mapping": self.counts(),
+            "first_divergence": first.to_dict() if first else None,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "unmatched": [
+                {"tensor": u.reference, "node": u.reference_node, "op_type": u.reference_op}
+                for u in self.unmatched
+            ],
+        }
+
+
+@dataclass
+class CompareReport:
+    """Everything `bnsurgery compare` found; `passed` is False when any output is beyond
+    tolerance. `to_dict()` is the stable JSON schema (docs/compare.md)."""
+
+    reference: str
+    candidate: str | None
+    providers: list[str]
+    reference_session: SessionInfo
+    data: dict[str, Any]
+    tolerances: ToleranceSpec
+    pairs: list[PairResult] = field(default_factory=list)
+    layerwise: list[LayerwiseResult] = field(default_factory=list)
+    stability: StabilityReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.pairs)
+
+    @property
+    def failures(self) -> list[PairResult]:
+        return [p for p in self.pairs if not p.passed]
+
+    @property
+    def fallbacks(self) -> list[str]:
+        sessions = [self.reference_session, *[p.session for p in self.pairs]]
+        seen: list[str] = []
+        for session in sessions:
+            for note in session.notes:
+                if session.fallback and note not in seen:
+                    seen.append(note)
+        return seen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "passed": self.passed,
+            "reference": {
+                "model": self.reference,
+                "provider": self.providers[0],
+                "session": self.reference_session.to_dict(),
+            },
+            "candidate": {"model": self.candidate} if self.candidate else None,
+            "providers": list(self.providers),
+            "data": self.data,
+            "tolerances": self.tolerances.to_dict(),
+            "fallbacks": self.fallbacks,
+            "comparisons": [p.to_dict() for p in self.pairs],
+            "layerwise": [lw.to_dict() for lw in self.layerwise] if self.layerwise else None,
+            "stability": self.stability.to_dict() if self.stability else None,
+            "notes": list(self.notes),
+        }
+
+    def render_text(self) -> str:
+        from bnsurgery.harness.report import render_text
+
+        return render_text(self)
+
+    def write_html(self, path: str | os.PathLike[str]) -> Path:
+        from bnsurgery.harness.report import write_html
+
+        return write_html(self, path)
+
+
+def _label(source: Any) -> str:
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    if isinstance(source, onnx.ModelProto):
+        return f"<ModelProto '{source.graph.name}'>" if source.graph.name else "<ModelProto>"
+    return "<bytes>"
+
+
+def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    """Same runtime inputs (names and element types) and the same output names, or exit 2."""
+    from bnsurgery.data import input_specs
+
+    ref_in = {s.name: s for s in input_specs(reference)}
+    cand_in = {s.name: s for s in input_specs(candidate)}
+    if set(ref_in) != set(cand_in):
+        only_ref = sorted(set(ref_in) - set(cand_in))
+        only_cand = sorted(set(cand_in) - set(ref_in))
+        raise BadInputError(
+            "the models have different inputs: "
+            + _only(only_ref, "only the reference has")
+            + ("; " if only_ref and only_cand else "")
+            + _only(only_cand, "only the candidate has")
+        )
+    for name, spec in ref_in.items():
+        other = cand_in[name]
+        if spec.dtype is not None and other.dtype is not None and spec.dtype != other.dtype:
+            raise BadInputError(
+                f"input '{name}' is {spec.dtype.name} in the reference and "
+                f"{other.dtype.name} in the candidate"
+            )
+    ref_out = [o.name for o in reference.graph.output]
+    cand_out = [o.name for o in candidate.graph.output]
+    if set(ref_out) != set(cand_out):
+        only_ref = sorted(set(ref_out) - set(cand_out))
+        only_cand = sorted(set(cand_out) - set(ref_out))
+        raise BadInputError(
+            "the models have different outputs: "
+            + _only(only_ref, "only the reference has")
+            + ("; " if only_ref and only_cand else "")
+            + _only(only_cand, "only the candidate has")
+        )
+
+
+def _only(names: list[str], what: str) -> str:
+    return f"{what} {', '.join(repr(n) for n in names)}" if names else ""
+
+
+def compare(
+    reference: Any,
+    candidate: Any = None,
+    providers: Sequence[str] | str = ("cpu",),
+    data: Any = None,
+    *,
+    labels_key: str | None = None,
+    atol: Any = None,
+    rtol: Any = None,
+    layerwise: bool = False,
+    tensor_map: Mapping[str, str | None] | None = None,
+    stability: bool = False,
+    allow_fallback: bool = False,
+    opt_level: str = "disable_all",
+    reference_opt_level: str = "disable_all",
+    cuda_tf32: bool = False,
+    cudnn_conv_algo_search: str = "EXHAUSTIVE",
+    device_id: int = 0,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    batch_size: int | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+    show_progress: bool | None = None,
+) -> CompareReport:
+    """Compare `candidate` (and `reference` itself on the other providers) with `reference`
+    on the first provider. See docs/compare.md; `atol`/`rtol` take a number, or CLI-style
+    strings (`"1e-4"`, `"logits:1e-3"`). Raises BadInputError (exit 2) on bad input and
+    EnvironmentProblem (exit 3) when a provider is unavailable without `allow_fallback`."""
+    from bnsurgery.data import load_data
+    from bnsurgery.io import load_model
+
+    aliases = parse_providers(providers)
+    ref_model = load_model(reference)
+    cand_model = load_model(candidate) if candidate is not None else None
+    if cand_model is not None:
+        check_interfaces(ref_model, cand_model)
+    output_names = [o.name for o in ref_model.graph.output]
+    tolerances = ToleranceSpec.parse(atol, rtol)
+    tolerances.check_names(output_names)
+
+    def config(alias: str, level: str) -> ProviderConfig:
+        cfg = ProviderConfig(
+            alias=alias,
+            opt_level=level,
+            allow_fallback=allow_fallback,
+            cuda_tf32=cuda_tf32,
+            cudnn_conv_algo_search=cudnn_conv_algo_search,
+            device_id=device_id,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+        )
+        cfg.validate()
+        return cfg
+
+    ref_config = config(aliases[0], reference_opt_level)
+    pair_specs: list[tuple[str, onnx.ModelProto, ProviderConfig]] = []
+    for alias in aliases:
+        cfg = config(alias, opt_level)
+        if alias != aliases[0] or opt_level != reference_opt_level:
+            pair_specs.append(("reference", ref_model, cfg))
+        if cand_model is not None:
+            pair_specs.append(("candidate", cand_model, cfg))
+    pair_specs.sort(key=lambda spec: spec[0] != "candidate")  # candidates first
+    if not pair_specs and not stability:
+        raise BadInputError(
+            "nothing to compare: give a CANDIDATE model, a second provider "
+            "(--providers cpu,cuda), or --stability"
+        )
+
+    source = load_data(
+        data, ref_model, batch_size=batch_size, labels_key=labels_key, shapes=shapes, seed=seed
+    )
+    ref_runner = Runner(ref_model, ref_config, label="reference")
+    ref_info = ref_runner.activate()
+    runners = [Runner(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs]
+    infos = [r.activate() for r in runners]
+
+    # layer-wise: which tensors to return from each model
+    layer_plans: list[tuple[list[TensorMatch], list[TensorMatch], Runner]] = []
+    ref_layer_runner = None
+    if layerwise and pair_specs:
+        matches_by_role = {"reference": identity_matches(ref_model)}
+        if cand_model is not None:
+            matches_by_role["candidate"] = match_tensors(ref_model, cand_model, tensor_map)
+        ref_tensors = [m.reference for m in matches_by_role["reference"]]
+        ref_layer_runner = Runner(ref_model, ref_config, extra_outputs=ref_tensors)
+        for role, model, cfg in pair_specs:
+            matches = matches_by_role[role]
+            matched = [m for m in matches if m.candidate is not None]
+            unmatched = [m for m in matches if m.candidate is None]
+            extra = [m.candidate for m in matched if m.candidate]
+            runner = Runner(model, cfg, extra_outputs=extra, label=f"{role}@{cfg.alias} layers")
+            runner.activate()
+            layer_plans.append((matched, unmatched, runner))
+
+    dtypes = {name: _output_dtype(ref_model, name) for name in output_names}
+    accumulators = [
+        {
+            name: ErrorAccumulator(name, *tolerances.for_output(name, dtypes[name]))
+            for name in output_names
+        }
+        for _ in pair_specs
+    ]
+    layer_accumulators: list[dict[str, ErrorAccumulator]] = [{} for _ in layer_plans]
+    global_tol = ToleranceSpec(tolerances.atol, tolerances.rtol)
+
+    samples = batches = 0
+    with_labels = 0
+    if pair_specs:
+        with progress(
+            source.batches(),
+            length=source.num_batches,
+            label="comparing",
+            enabled=show_progress,
+        ) as stream:
+            for batch in stream:
+                ref_out = ref_runner.infer(batch.feeds)
+                for runner, accs in zip(runners, accumulators, strict=True):
+                    out = runner.infer(batch.feeds)
+                    for name, acc in accs.items():
+                        acc.update(ref_out[name], out[name], batch.labels)
+                if ref_layer_runner is not None:
+                    ref_layers = ref_layer_runner.infer(batch.feeds)
+                    for (matched, _, runner), accs in zip(
+                        layer_plans, layer_accumulators, strict=True
+                    ):
+                        out = runner.infer(batch.feeds)
+                        for match in matched:
+                            value = ref_layers[match.reference]
+                            acc = accs.get(match.reference)
+                            if acc is None:
+                                tol = global_tol.for_output(match.reference, value.dtype)
+                                acc = accs[match.reference] = ErrorAccumulator(
+                                    match.reference, *tol
+                                )
+                            acc.update(value, out[match.candidate])  # type: ignore[index]
+                samples += batch.size
+                batches += 1
+                with_labels += batch.labels is not None
+
+    data_info = source.to_dict()
+    data_info.update({"samples": samples or data_info["samples"], "batches": batches})
+    report = CompareReport(
+        reference=_label(reference),
+        candidate=_label(candidate) if candidate is not None else None,
+        providers=aliases,
+        reference_session=ref_info,
+        data=data_info,
+        tolerances=tolerances,
+        notes=list(source.notes),
+    )
+    for (role, _, cfg), info, accs in zip(pair_specs, infos, accumulators, strict=True):
+        report.pairs.append(PairResult(role, cfg.alias, info, [a.result() for a in accs.values()]))
+    for (role, _, cfg), (matched, unmatched, _), accs in zip(
+        pair_specs if layer_plans else [], layer_plans, layer_accumulators, strict=True
+    ):
+        layers = [LayerRecord(m, accs[m.reference].result()) for m in matched]
+        report.layerwise.append(LayerwiseResult(role, cfg.alias, layers, unmatched))
+    if report.fallbacks:
+        report.notes.extend(report.fallbacks)
+    if stability:
+        from bnsurgery.harness.stability import run_stability
+
+        models = [("reference", ref_model)]
+        if cand_model is not None:
+            models.append(("candidate", cand_model))
+        configs = [ref_config] + [config(a, opt_level) for a in aliases[1:]]
+        report.stability = run_stability(
+            models, source, configs, seed=seed, show_progress=show_progress
+        )
+    return report
+
+
+def _output_dtype(model: onnx.ModelProto, name: str) -> Any:
+    for value in model.graph.output:
+        if value.name == name and value.type.tensor_type.elem_type:
+            try:
+                return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            except (KeyError, TypeError, ValueError):
+                return None
+    return None

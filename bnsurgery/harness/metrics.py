@@ -1,0 +1,368 @@
+"""Error and agreement metrics between a reference tensor and a candidate tensor.
+
+Everything is computed in float64 and accumulated batch by batch (`ErrorAccumulator.update`), so
+a comparison never holds more than one batch. Per output:
+
+- max abs error, max relative error |a-b| / (|ref| + TINY), mean abs error;
+- cosine similarity of the flattened tensors;
+- top-1 and top-5 agreement for 2-D [N, C] float outputs;
+- accuracy of each side against labels when given;
+- NaN / Inf counts on each side;
+- the smallest atol that passes at the given rtol, and the smallest rtol at the given atol.
+
+The pass rule is numpy's allclose: |cand - ref| <= atol + rtol * |ref| for every element.
+A NaN passes only where the reference has a NaN too; an infinity only where the reference has
+the same infinity. Tolerances default by dtype (DESIGN.md §6) and can be set per output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bnsurgery.errors import BadInputError
+
+TINY = 1e-12  # the relative error's guard against division by zero
+TOP_K = 5
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {  # (atol, rtol)
+    "float32": (1e-5, 1e-4),
+    "float16": (2.5e-3, 1e-3),
+}
+HALF_DTYPES = ("float16", "bfloat16")
+ToleranceArg = Sequence[str] | str | float | None
+
+
+def default_tolerance(dtype: np.dtype | str | None) -> tuple[float, float]:
+    """(atol, rtol) for an output's dtype: the fp16 pair for half types, the fp32 pair else."""
+    try:
+        name = np.dtype(dtype).name if dtype is not None else ""
+    except TypeError:
+        name = str(dtype)
+    return DEFAULT_TOLERANCES["float16" if name in HALF_DTYPES else "float32"]
+
+
+@dataclass(frozen=True)
+class ToleranceSpec:
+    """User tolerances: a global atol/rtol (None = by dtype) and per-output overrides."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    per_output_atol: Mapping[str, float] | None = None
+    per_output_rtol: Mapping[str, float] | None = None
+
+    @classmethod
+    def parse(cls, atol: ToleranceArg = None, rtol: ToleranceArg = None) -> ToleranceSpec:
+        """From CLI strings: `1e-4` (every output) or `name:1e-4` (one output), repeatable."""
+        g_atol, p_atol = _parse_tolerances(atol, "atol")
+        g_rtol, p_rtol = _parse_tolerances(rtol, "rtol")
+        return cls(g_atol, g_rtol, p_atol, p_rtol)
+
+    def for_output(self, name: str, dtype: Any) -> tuple[float, float]:
+        atol, rtol = default_tolerance(dtype)
+        if self.atol is not None:
+            atol = self.atol
+        if self.rtol is not None:
+            rtol = self.rtol
+        atol = (self.per_output_atol or {}).get(name, atol)
+        rtol = (self.per_output_rtol or {}).get(name, rtol)
+        return atol, rtol
+
+    def check_names(self, outputs: Sequence[str]) -> None:
+        named = set(self.per_output_atol or {}) | set(self.per_output_rtol or {})
+        unknown = sorted(named - set(outputs))
+        if unknown:
+            raise BadInputError(
+                f"tolerance given for unknown output(s) {', '.join(repr(n) for n in unknown)} "
+                f"(outputs: {', '.join(repr(o) for o in outputs)})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "per_output_atol": dict(self.per_output_atol or {}),
+            "per_output_rtol": dict(self.per_output_rtol or {}),
+            "defaults": {k: {"atol": a, "rtol": r} for k, (a, r) in DEFAULT_TOLERANCES.items()},
+        }
+
+
+def _parse_tolerances(values: ToleranceArg, what: str) -> tuple[float | None, dict[str, float]]:
+    if values is None:
+        return None, {}
+    if isinstance(values, int | float | str):
+        values = [values]  # type: ignore[list-item]
+    overall: float | None = None
+    per_output: dict[str, float] = {}
+    for item in values:
+        text = str(item).strip()
+        name, sep, number = text.rpartition(":")
+        try:
+            value = float(number if sep else text)
+        except ValueError:
+            raise BadInputError(
+                f"bad --{what} '{text}': expected a number or OUTPUT:NUMBER"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise BadInputError(f"bad --{what} '{text}': must be a finite number >= 0")
+        if sep:
+            if not name:
+                raise BadInputError(f"bad --{what} '{text}': empty output name")
+            per_output[name] = value
+        else:
+            overall = value
+    return overall, per_output
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ErrorMetrics:
+    """The comparison of one tensor (an output or an intermediate) over all batches."""
+
+    name: str
+    dtype: str
+    shape: list[int]  # of the reference, first batch (axis 0 = that batch's size)
+    count: int
+    atol: float
+    rtol: float
+    passed: bool
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float | None
+    min_atol: float  # the smallest atol that passes at this rtol
+    min_rtol: float  # the smallest rtol that passes at this atol (inf: impossible at this atol)
+    mismatched: int  # elements beyond tolerance
+    reference_nan: int = 0
+    reference_inf: int = 0
+    candidate_nan: int = 0
+    candidate_inf: int = 0
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    reference_accuracy: float | None = None
+    candidate_accuracy: float | None = None
+    worst_index: list[int] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "elements": self.count,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "passed": self.passed,
+            "max_abs": _finite_or_str(self.max_abs),
+            "max_rel": _finite_or_str(self.max_rel),
+            "mean_abs": _finite_or_str(self.mean_abs),
+            "cosine": _finite_or_str(self.cosine),
+            "min_atol": _finite_or_str(self.min_atol),
+            "min_rtol": _finite_or_str(self.min_rtol),
+            "mismatched": self.mismatched,
+            "nan": {"reference": self.reference_nan, "candidate": self.candidate_nan},
+            "inf": {"reference": self.reference_inf, "candidate": self.candidate_inf},
+            "top1_agreement": self.top1_agreement,
+            "top5_agreement": self.top5_agreement,
+            "accuracy": (
+                None
+                if self.reference_accuracy is None
+                else {"reference": self.reference_accuracy, "candidate": self.candidate_accuracy}
+            ),
+            "worst_index": self.worst_index,
+            "note": self.note,
+        }
+
+
+def _finite_or_str(value: float | None) -> float | str | None:
+    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def is_classification(array: np.ndarray) -> bool:
+    """A 2-D [N, C] float output with at least two classes: top-k and accuracy apply."""
+    return array.ndim == 2 and array.shape[1] >= 2 and np.issubdtype(array.dtype, np.floating)
+
+
+class ErrorAccumulator:
+    """Streams (reference, candidate) batch pairs of one tensor into ErrorMetrics."""
+
+    def __init__(self, name: str, atol: float, rtol: float) -> None:
+        self.name, self.atol, self.rtol = name, atol, rtol
+        self.dtype = ""
+        self.shape: list[int] = []
+        self.count = self.mismatched = self.samples = 0
+        self.max_abs = self.max_rel = self.min_atol = self.min_rtol = 0.0
+        self.sum_abs = self.dot = self.ref_sq = self.cand_sq = 0.0
+        self.finite = 0
+        self.nan = [0, 0]
+        self.inf = [0, 0]
+        self.top1 = self.top5 = 0
+        self.classified = 0
+        self.correct = [0, 0]
+        self.labelled = 0
+        self.worst_index: list[int] | None = None
+        self.offset = 0
+        self.nonfinite_mismatches = 0
+        self.note = ""
+
+    def update(
+        self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None
+    ) -> None:
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if not self.dtype:
+            self.dtype = reference.dtype.name
+            self.shape = list(reference.shape)
+        if reference.shape != candidate.shape:
+            self.note = (
+                f"shape mismatch: reference {list(reference.shape)}, "
+                f"candidate {list(candidate.shape)}"
+            )
+            self.mismatched += max(reference.size, candidate.size)
+            self.max_abs = self.max_rel = self.min_atol = self.min_rtol = math.inf
+            return
+        ref = reference.astype(np.float64, copy=False)
+        cand = candidate.astype(np.float64, copy=False)
+        self.count += ref.size
+        ref_nan, cand_nan = np.isnan(ref), np.isnan(cand)
+        ref_inf, cand_inf = np.isinf(ref), np.isinf(cand)
+        self.nan[0] += int(ref_nan.sum())
+        self.nan[1] += int(cand_nan.sum())
+        self.inf[0] += int(ref_inf.sum())
+        self.inf[1] += int(cand_inf.sum())
+        both_finite = ~(ref_nan | cand_nan | ref_inf | cand_inf)
+        # non-finite elements pass only when both sides agree exactly (NaN with NaN, +inf with +inf)
+        special_ok = (ref_nan & cand_nan) | (ref_inf & cand_inf & (ref == cand))
+        bad_special = int((~both_finite & ~special_ok).sum())
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(both_finite, np.abs(cand - ref), 0.0)
+            mag = np.where(both_finite, np.abs(ref), 0.0)
+        self.finite += int(both_finite.sum())
+        if diff.size:
+            flat_worst = int(np.argmax(diff))
+            worst = float(diff.flat[flat_worst])
+            if self.worst_index is None or worst > self.max_abs:
+                index = [int(i) for i in np.unravel_index(flat_worst, diff.shape)]
+                if index:
+                    index[0] += self.offset  # a sample index over the whole data
+                self.worst_index = index
+            self.max_abs = max(self.max_abs, worst)
+            rel = diff / (mag + TINY)
+            self.max_rel = max(self.max_rel, float(rel.max()))
+            excess = diff - self.rtol * mag
+            self.min_atol = max(self.min_atol, float(excess.max()))
+            over = diff - self.atol
+            beyond = over > 0
+            if beyond.any():  # rtol needed where atol alone is not enough; inf where ref is 0
+                with np.errstate(divide="ignore"):
+                    need = over[beyond] / mag[beyond]
+                self.min_rtol = max(self.min_rtol, float(need.max()))
+            self.mismatched += int((diff > self.atol + self.rtol * mag).sum())
+            self.sum_abs += float(diff.sum())
+            r, c = np.where(both_finite, ref, 0.0), np.where(both_finite, cand, 0.0)
+            self.dot += float(np.dot(r.ravel(), c.ravel()))
+            self.ref_sq += float(np.dot(r.ravel(), r.ravel()))
+            self.cand_sq += float(np.dot(c.ravel(), c.ravel()))
+        if bad_special:
+            self.mismatched += bad_special
+            if math.isfinite(self.max_abs):
+                index = [int(i) for i in np.argwhere(~both_finite & ~special_ok)[0]]
+                if index:
+                    index[0] += self.offset
+                self.worst_index = index
+            self.max_abs = self.max_rel = self.min_atol = self.min_rtol = math.inf
+            self.nonfinite_mismatches += bad_special
+            self.note = (
+                f"{self.nonfinite_mismatches} NaN/Inf element(s) where the other side differs"
+            )
+        if is_classification(reference):
+            self._update_topk(ref, cand, labels)
+        self.offset += reference.shape[0] if reference.ndim else 1
+
+    def _update_topk(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+        n, classes = ref.shape
+        ref_clean = np.nan_to_num(ref, nan=-np.inf)
+        cand_clean = np.nan_to_num(cand, nan=-np.inf)
+        ref_top1, cand_top1 = ref_clean.argmax(axis=1), cand_clean.argmax(axis=1)
+        self.top1 += int((ref_top1 == cand_top1).sum())
+        if classes > TOP_K:
+            ref_top = np.sort(np.argsort(-ref_clean, axis=1, kind="stable")[:, :TOP_K], axis=1)
+            cand_top = np.sort(np.argsort(-cand_clean, axis=1, kind="stable")[:, :TOP_K], axis=1)
+            self.top5 += int((ref_top == cand_top).all(axis=1).sum())
+        self.classified += n
+        if labels is not None and len(labels) == n:
+            self.correct[0] += int((ref_top1 == labels).sum())
+            self.correct[1] += int((cand_top1 == labels).sum())
+            self.labelled += n
+
+    def result(self) -> ErrorMetrics:
+        cosine: float | None = None
+        if self.finite:
+            if self.ref_sq == 0 and self.cand_sq == 0:
+                cosine = 1.0
+            elif self.ref_sq == 0 or self.cand_sq == 0:
+                cosine = 0.0
+            else:
+                cosine = self.dot / math.sqrt(self.ref_sq * self.cand_sq)
+        classes = self.shape[1] if len(self.shape) == 2 else 0
+        return ErrorMetrics(
+            name=self.name,
+            dtype=self.dtype,
+            shape=self.shape,
+            count=self.count,
+            atol=self.atol,
+            rtol=self.rtol,
+            passed=self.mismatched == 0,
+            max_abs=self.max_abs,
+            max_rel=self.max_rel,
+            mean_abs=self.sum_abs / self.finite if self.finite else 0.0,
+            cosine=cosine,
+            min_atol=max(self.min_atol, 0.0),
+            min_rtol=max(self.min_rtol, 0.0),
+            mismatched=self.mismatched,
+            reference_nan=self.nan[0],
+            reference_inf=self.inf[0],
+            candidate_nan=self.nan[1],
+            candidate_inf=self.inf[1],
+            top1_agreement=self.top1 / self.classified if self.classified else None,
+            top5_agreement=(
+                self.top5 / self.classified if self.classified and classes > TOP_K else None
+            ),
+            reference_accuracy=self.correct[0] / self.labelled if self.labelled else None,
+            candidate_accuracy=self.correct[1] / self.labelled if self.labelled else None,
+            worst_index=self.worst_index,
+            note=self.note,
+        )
+
+
+def compare_arrays(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    *,
+    name: str = "output",
+    atol: float | None = None,
+    rtol: float | None = None,
+    labels: np.ndarray | None = None,
+) -> ErrorMetrics:
+    """All metrics of one pair of whole arrays (the one-shot form of ErrorAccumulator)."""
+    default_atol, default_rtol = default_tolerance(np.asarray(reference).dtype)
+    acc = ErrorAccumulator(
+        name, default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    )
+    acc.update(reference, candidate, labels)
+    return acc.result()
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of [N, C] scores against integer labels."""
+    return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean())
