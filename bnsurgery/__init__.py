@@ -4,11 +4,13 @@ Public API (every function accepts a path, bytes or an onnx.ModelProto):
 
     fold(model, ...) -> PassResult            fold BN into neighbouring linear ops
     info(model, ...) -> FoldReport            what fold would do, without rewriting
+    compare(reference, candidate, ...) -> CompareReport   outputs across models and providers
     load_model(source) / save_model(model, path)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     import onnx
 
+    from bnsurgery.harness.compare import CompareReport
     from bnsurgery.io import ModelSource
     from bnsurgery.passes import PassResult
     from bnsurgery.passes.fold import FoldReport
@@ -58,9 +61,29 @@ def fold(
     return result
 
 
+def compare(
+    reference: ModelSource,
+    candidate: ModelSource | None = None,
+    providers: Sequence[str] | str = ("cpu",),
+    data: Any = None,
+    **options: Any,
+) -> CompareReport:
+    """Run REFERENCE (on the first provider) and every other (model, provider) pair on the same
+    data, and judge each output; `report.passed` is False when any is beyond tolerance.
+
+    data: a DATA spec (path, "random:N"), a {name: array} mapping, or an iterable of feed
+    dicts; None means random:8, seed 0. Options (labels_key, atol, rtol, layerwise,
+    tensor_map, stability, allow_fallback, opt_level, cuda_tf32, ...) are those of
+    bnsurgery.harness.compare.compare; see docs/compare.md.
+    """
+    from bnsurgery.harness.compare import compare as _compare
+
+    return _compare(reference, candidate, providers, data, **options)
+
+
 def info(model: ModelSource, *, backward: bool = True, affine: bool = True) -> FoldReport:
     """The fold report (dry run): every BN and what fold would do with it."""
     return fold(model, backward=backward, affine=affine).report  # type: ignore[return-value]
 
 
-__all__ = ["__version__", "fold", "info", "load_model", "save_model"]
+__all__ = ["__version__", "compare", "fold", "info", "load_model", "save_model"]

@@ -23,6 +23,7 @@ from bnsurgery.errors import EXIT_BAD_INPUT, BnSurgeryError
 COMMANDS: list[tuple[str, str]] = [
     ("bnsurgery.commands.fold", "fold_command"),
     ("bnsurgery.commands.fold", "info_command"),
+    ("bnsurgery.commands.compare", "compare_command"),
 ]
 
 log = logging.getLogger("bnsurgery")
