@@ -119,7 +119,7 @@ class InputSpec:
 
     def check(self, array: np.ndarray, where: str) -> None:
         """Raise DataError unless `array` (a whole chunk, batch axis first) fits this input."""
-        got = f"got {array.dtype.name} {list(array.shape)}"
+        got = f"got {array.dtype.name} [{'x'.join(str(d) for d in array.shape)}]"
         if self.dtype is not None and array.dtype != self.dtype:
             raise DataError(
                 f"{where}: input '{self.name}' expects {self.describe()}, {got} (wrong dtype; "
