@@ -113,7 +113,12 @@ class LayerwiseResult:
             "first_divergence": first.to_dict() if first else None,
             "layers": [layer.to_dict() for layer in self.layers],
             "unmatched": [
-                {"tensor": u.reference, "node": u.reference_node, "op_type": u.reference_op}
+                {
+                    "tensor": u.reference,
+                    "node": u.reference_node,
+                    "op_type": u.reference_op,
+                    "decided_by": u.how,
+                }
                 for u in self.unmatched
             ],
         }
@@ -209,10 +214,16 @@ def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> 
         )
     for name, spec in ref_in.items():
         other = cand_in[name]
-        if spec.dtype is not None and other.dtype is not None and spec.dtype != other.dtype:
+        same_dtype = spec.dtype is None or other.dtype is None or spec.dtype == other.dtype
+        same_rank = spec.dims is None or other.dims is None or len(spec.dims) == len(other.dims)
+        same_dims = same_rank and all(
+            a is None or b is None or a == b
+            for a, b in zip(spec.dims or (), other.dims or (), strict=False)
+        )
+        if not (same_dtype and same_dims):
             raise BadInputError(
-                f"input '{name}' is {spec.dtype.name} in the reference and "
-                f"{other.dtype.name} in the candidate"
+                f"input '{name}' is {spec.describe()} in the reference and "
+                f"{other.describe()} in the candidate"
             )
     ref_out = [o.name for o in reference.graph.output]
     cand_out = [o.name for o in candidate.graph.output]
