@@ -1166,3 +1166,263 @@ def assert_equivalent(
             equal_nan=True,
             err_msg=f"output {out.name!r} differs ({engine})",
         )
+
+
+# -- edge cases: sharing across scopes, reshapes that mix the batch, Scan -----------------------
+def bn_reshape_rows_matmul(target: Sequence[int] = (4, 6)) -> onnx.ModelProto:
+    """x[2,3,2,2] -> BN -> Reshape(target) -> MatMul W[6,5]: with target [4, 6] (or [-1, 6]) a
+    row holds parts of two samples and two channels' features differ per row, so feature f is
+    NOT channel f // (features / C)."""
+    r = rng(40)
+    k = target[1]
+    rows = 24 // k
+    inits = [
+        *bn_inits("bn", bn_stats(r, 3)),
+        numpy_helper.from_array(np.array(target, dtype=np.int64), "shape"),
+        init("W", weight(r, [k, 5], fan_in=k)),
+    ]
+    nodes = [
+        bn_node("bn", "x", "bn_out"),
+        helper.make_node("Reshape", ["bn_out", "shape"], ["flat"], name="reshape"),
+        helper.make_node("MatMul", ["flat", "W"], ["y"], name="matmul"),
+    ]
+    return make(nodes, [vi("x", [2, 3, 2, 2])], [vi("y", [rows, 5])], inits, name="reshape_rows")
+
+
+def weight_shared_with_subgraph(c: int = 4) -> onnx.ModelProto:
+    """Main graph: Conv(W) -> BN -> y1; an If branch also runs Conv(W) on x (no BN)."""
+    r = rng(41)
+    inits = [init("W", weight(r, [c, 3, 3, 3])), *bn_inits("bn", bn_stats(r, c))]
+    branch_nodes = [helper.make_node("Conv", ["x", "W"], ["b_out"], name="branch_conv")]
+    then_g = helper.make_graph(branch_nodes, "then", [], [vi("b_out", [1, c, 3, 3])])
+    else_nodes = [helper.make_node("Relu", ["conv_in_else"], ["e_out"], name="else_relu")]
+    else_g = helper.make_graph(else_nodes, "else", [], [vi("e_out", [1, c, 3, 3])])
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv_out"], name="conv"),
+        bn_node("bn", "conv_out", "y1"),
+        helper.make_node("Identity", ["y1"], ["conv_in_else"], name="id"),
+        helper.make_node("If", ["cond"], ["y2"], name="if", then_branch=then_g, else_branch=else_g),
+    ]
+    return make(
+        nodes,
+        [vi("cond", [], BOOL), vi("x", [1, 3, 5, 5])],
+        [vi("y1", [1, c, 3, 3]), vi("y2", [1, c, 3, 3])],
+        inits,
+        name="shared_subgraph",
+    )
+
+
+def conv_out_read_by_subgraph(c: int = 4) -> onnx.ModelProto:
+    """Conv -> BN -> y1, and an If branch reads the Conv output too (an implicit consumer)."""
+    r = rng(42)
+    inits = [init("W", weight(r, [c, 3, 3, 3])), *bn_inits("bn", bn_stats(r, c))]
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", ["conv_out"], ["t_out"], name="then_relu")],
+        "then",
+        [],
+        [vi("t_out", [1, c, 3, 3])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["conv_out"], ["e_out"], name="else_neg")],
+        "else",
+        [],
+        [vi("e_out", [1, c, 3, 3])],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv_out"], name="conv"),
+        bn_node("bn", "conv_out", "y1"),
+        helper.make_node("If", ["cond"], ["y2"], name="if", then_branch=then_g, else_branch=else_g),
+    ]
+    return make(
+        nodes,
+        [vi("cond", [], BOOL), vi("x", [1, 3, 5, 5])],
+        [vi("y1", [1, c, 3, 3]), vi("y2", [1, c, 3, 3])],
+        inits,
+        name="read_by_subgraph",
+    )
+
+
+def bn_in_branch_after_outer_conv(c: int = 4) -> onnx.ModelProto:
+    """Main-graph Conv; the then-branch applies a BN to its output, the else-branch does not."""
+    r = rng(43)
+    inits = [init("W", weight(r, [c, 3, 3, 3])), *bn_inits("bn", bn_stats(r, c))]
+    then_g = helper.make_graph(
+        [bn_node("bn", "conv_out", "t_out")], "then", [], [vi("t_out", [1, c, 3, 3])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["conv_out"], ["e_out"], name="else_id")],
+        "else",
+        [],
+        [vi("e_out", [1, c, 3, 3])],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv_out"], name="conv"),
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g),
+    ]
+    return make(
+        nodes, [vi("cond", [], BOOL), vi("x", [1, 3, 5, 5])], [vi("y", [1, c, 3, 3])], inits
+    )
+
+
+def backward_shared_weight(gemm: bool = False, c: int = 4) -> onnx.ModelProto:
+    """x -> BN -> Conv_a(W) (or Gemm_a(B)); x2 -> Conv_b(W): the backward fold must clone W."""
+    r = rng(44)
+    if gemm:
+        inits = [*bn_inits("bn", bn_stats(r, c)), init("W", weight(r, [c, 5], fan_in=c))]
+        op, x_shape, y_shape = "Gemm", [3, c], [3, 5]
+    else:
+        inits = [*bn_inits("bn", bn_stats(r, c)), init("W", weight(r, [6, c, 1, 1]))]
+        op, x_shape, y_shape = "Conv", [1, c, 3, 3], [1, 6, 3, 3]
+    nodes = [
+        bn_node("bn", "x", "bn_out"),
+        helper.make_node(op, ["bn_out", "W"], ["y1"], name="a"),
+        helper.make_node(op, ["x2", "W"], ["y2"], name="b"),
+    ]
+    return make(
+        nodes,
+        [vi("x", x_shape), vi("x2", x_shape)],
+        [vi("y1", y_shape), vi("y2", y_shape)],
+        inits,
+        name="backward_shared",
+    )
+
+
+def shared_bias(c: int = 4) -> onnx.ModelProto:
+    """Two Convs with their own W and one shared bias b; only conv_a is followed by a BN."""
+    r = rng(45)
+    inits = [
+        init("Wa", weight(r, [c, 3, 3, 3])),
+        init("Wb", weight(r, [c, 3, 3, 3])),
+        init("b", r.normal(0, 0.5, c)),
+        *bn_inits("bn", bn_stats(r, c)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa", "b"], ["a_out"], name="conv_a"),
+        bn_node("bn", "a_out", "y1"),
+        helper.make_node("Conv", ["x", "Wb", "b"], ["y2"], name="conv_b"),
+    ]
+    return make(
+        nodes,
+        [vi("x", [1, 3, 5, 5])],
+        [vi("y1", [1, c, 3, 3]), vi("y2", [1, c, 3, 3])],
+        inits,
+        name="shared_bias",
+    )
+
+
+def shared_bn_params(c: int = 4) -> onnx.ModelProto:
+    """Two Conv -> BN blocks whose BNs read the same four parameter initializers."""
+    r = rng(46)
+    inits = [
+        init("W1", weight(r, [c, 3, 3, 3])),
+        init("W2", weight(r, [c, c, 1, 1])),
+        *bn_inits("bn", bn_stats(r, c)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+        bn_node("bn1", "c1", "h", prefix="bn"),
+        helper.make_node("Relu", ["h"], ["h_relu"], name="relu"),
+        helper.make_node("Conv", ["h_relu", "W2"], ["c2"], name="conv2"),
+        bn_node("bn2", "c2", "y", prefix="bn"),
+    ]
+    return make(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", [1, c, 3, 3])], inits, name="shared_bn")
+
+
+def bn_bn_first_is_output(c: int = 4) -> onnx.ModelProto:
+    """Conv -> BN1 -> BN2, and BN1's output is a graph output too."""
+    r = rng(47)
+    inits = [
+        init("W", weight(r, [c, 3, 3, 3])),
+        *bn_inits("bn1", bn_stats(r, c)),
+        *bn_inits("bn2", bn_stats(r, c)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv_out"], name="conv"),
+        bn_node("bn1", "conv_out", "h"),
+        bn_node("bn2", "h", "y"),
+    ]
+    return make(
+        nodes,
+        [vi("x", [1, 3, 5, 5])],
+        [vi("y", [1, c, 3, 3]), vi("h", [1, c, 3, 3])],
+        inits,
+        name="bn_bn_output",
+    )
+
+
+def bn_two_convs(c: int = 4) -> onnx.ModelProto:
+    """x -> BN -> two unpadded 1x1 Convs."""
+    r = rng(48)
+    inits = [
+        *bn_inits("bn", bn_stats(r, c)),
+        init("Wa", weight(r, [5, c, 1, 1])),
+        init("Wb", weight(r, [3, c, 1, 1])),
+    ]
+    nodes = [
+        bn_node("bn", "x", "bn_out"),
+        helper.make_node("Conv", ["bn_out", "Wa"], ["ya"], name="conv_a"),
+        helper.make_node("Conv", ["bn_out", "Wb"], ["yb"], name="conv_b"),
+    ]
+    return make(
+        nodes,
+        [vi("x", [1, c, 3, 3])],
+        [vi("ya", [1, 5, 3, 3]), vi("yb", [1, 3, 3, 3])],
+        inits,
+        name="bn_two_convs",
+    )
+
+
+def matmul_add_full_bias_bn(m_: int = 3, k: int = 5, n: int = 6) -> onnx.ModelProto:
+    """a[M,K] -> MatMul -> Add(constant [M, N], not a per-feature bias) -> BN."""
+    r = rng(49)
+    inits = [
+        init("W", weight(r, [k, n], fan_in=k)),
+        init("full", r.normal(0, 0.5, (m_, n))),
+        *bn_inits("bn", bn_stats(r, n)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["a", "W"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "full"], ["added"], name="add"),
+        bn_node("bn", "added", "y"),
+    ]
+    return make(nodes, [vi("a", [m_, k])], [vi("y", [m_, n])], inits, name="mm_full_add")
+
+
+def affine_before_conv(op: str = "Mul", pad: int = 0, c: int = 4) -> onnx.ModelProto:
+    """x -> Mul/Add(per-channel constant) -> Conv 3x3 with `pad`: a backward affine fold."""
+    r = rng(50)
+    value = r.uniform(0.5, 1.5, [c, 1, 1]) if op == "Mul" else r.normal(0, 0.5, [c, 1, 1])
+    inits = [init("k", value), init("W", weight(r, [6, c, 3, 3])), init("b", r.normal(0, 0.5, 6))]
+    out = 5 - 3 + 1 + 2 * pad
+    nodes = [
+        helper.make_node(op, ["x", "k"], ["scaled"], name=op.lower()),
+        helper.make_node("Conv", ["scaled", "W", "b"], ["y"], name="conv", pads=[pad] * 4),
+    ]
+    return make(nodes, [vi("x", [1, c, 5, 5])], [vi("y", [1, 6, out, out])], inits, name="aff_bw")
+
+
+def scan_bn(c: int = 4, steps: int = 3) -> onnx.ModelProto:
+    """Scan over axis 0 of x[T, 1, C, 4, 4]; the body runs Conv -> BN on each step."""
+    r = rng(51)
+    inits = [init("W", weight(r, [c, c, 3, 3])), *bn_inits("bn", bn_stats(r, c))]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["s_in"], ["s_out"], name="scan_state"),
+            helper.make_node("Conv", ["x_t", "W"], ["conv_out"], name="scan_conv", pads=[1] * 4),
+            bn_node("scan_bn", "conv_out", "y_t", prefix="bn"),
+        ],
+        "scan_body",
+        [vi("s_in", [1]), vi("x_t", [1, c, 4, 4])],
+        [vi("s_out", [1]), vi("y_t", [1, c, 4, 4])],
+    )
+    scan = helper.make_node(
+        "Scan", ["s0", "x"], ["s_final", "y"], name="scan", body=body, num_scan_inputs=1
+    )
+    inits.append(init("s0", np.zeros(1)))
+    return make(
+        [scan],
+        [vi("x", [steps, 1, c, 4, 4])],
+        [vi("y", [steps, 1, c, 4, 4]), vi("s_final", [1])],
+        inits,
+        name="scan_bn",
+    )
