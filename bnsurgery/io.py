@@ -4,6 +4,16 @@ Loading accepts a path, bytes or a ModelProto, resolves external data only insid
 own folder, and turns every failure into a one-line BadInputError. Saving is atomic: the model
 (and its external data, when it is large or when asked) is written to a temporary folder beside
 the target and renamed into place, so a failure never leaves a partial output behind.
+
+Lazy external data (`load_model(path, external_data="lazy")`): tensors stored in external files
+stay there. Their locations are checked as usual, and each gets one extra external_data entry,
+`bnsurgery.source`, the resolved absolute path of its file; `tensor_to_array` reads such a tensor
+on demand (one tensor in memory at a time) and `save_model` streams it from its source file into
+the output's `.data` file without passing it through memory. Tensors a pass rewrote are ordinary
+in-memory tensors; when a model that has lazy tensors is saved, they are written to the output's
+`.data` file and turned into lazy references to it, so saving never holds a second copy of the
+weights. This is what keeps `bnsurgery fold` on a multi-GB model near 1x the model's size in
+memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,34 +22,70 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from bnsurgery.errors import BadInputError, UnsafePathError, UsageError
 
-ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto  # or an onnx_ir.Model
+
+
+def _from_onnx_ir(source: object) -> object:
+    """An onnx_ir.Model becomes its ModelProto (onnx_ir.serde). onnx_ir is never imported here:
+    a caller holding an onnx_ir.Model has imported it already."""
+    import sys
+
+    ir = sys.modules.get("onnx_ir")
+    if ir is not None and isinstance(source, ir.Model):
+        return ir.serde.serialize_model(source)
+    return source
+
 
 # Protobuf cannot serialise a message past 2 GiB; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+# The external_data key under which a lazily loaded tensor records its resolved source file.
+SOURCE_KEY = "bnsurgery.source"
+# Tensors at least this large go to the .data file when a model is saved with external data.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+_ALIGN = 4096  # offsets in written .data files are page-aligned (mmap-friendly), as onnx does
+_COPY_CHUNK = 16 << 20
 
 
-def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
-    """Load a model from a path, bytes or a ModelProto (returned as is), with external data."""
+def load_model(
+    source: ModelSource,
+    *,
+    check: bool = True,
+    external_data: Literal["load", "lazy"] = "load",
+) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ModelProto (returned as is), with external data.
+
+    external_data="load" reads every external tensor into the model; "lazy" leaves them in
+    their files (checked, and read on demand by tensor_to_array; see the module docstring).
+    """
+    if external_data not in ("load", "lazy"):
+        raise ValueError(f"external_data must be 'load' or 'lazy', not {external_data!r}")
+    source = _from_onnx_ir(source)  # type: ignore[assignment]
     if isinstance(source, onnx.ModelProto):
         model = source
+        if check:
+            check_model(model)
     elif isinstance(source, bytes | bytearray):
-        model = _parse_bytes(bytes(source), "<bytes>")
+        data = bytes(source)
+        model = _parse_bytes(data, "<bytes>")
         if any(uses_external_data(t) for t in _all_tensors(model)):
             raise BadInputError("model given as bytes refers to external data; pass its path")
+        if check:
+            _check_serialized(data)
     else:
-        model = _load_path(Path(source))
-    if check:
-        check_model(model)
+        model = _load_path(Path(source), check=check, lazy=external_data == "lazy")
     return model
 
 
-def _load_path(path: Path) -> onnx.ModelProto:
+def _load_path(path: Path, *, check: bool, lazy: bool) -> onnx.ModelProto:
     if not path.exists():
         raise BadInputError(f"{path}: no such file")
     if path.is_dir():
@@ -51,7 +97,19 @@ def _load_path(path: Path) -> onnx.ModelProto:
     if not data:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     model = _parse_bytes(data, str(path))
-    _load_external_data(model, path.parent.resolve(), path)
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if lazy:
+        _attach_external_data(external, path.parent.resolve(), path)
+    else:
+        _load_external_data(external, path.parent.resolve(), path)
+    if check:
+        # The bytes just read are the model, so the checker parses them instead of a fresh
+        # serialisation of the loaded model (which costs as much as writing it). With external
+        # data the file is checked by path, after our own checks of every location above.
+        if external:
+            _check_path(path)
+        else:
+            _check_serialized(data)
     return model
 
 
@@ -90,8 +148,7 @@ def safe_external_path(base_dir: Path, location: str, model_path: Path | str) ->
     return resolved
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> None:
-    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+def _load_external_data(tensors: list[onnx.TensorProto], base_dir: Path, model_path: Path) -> None:
     if not tensors:
         return
     handles: dict[Path, object] = {}
@@ -117,6 +174,110 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, model_path: Path
             fh.close()  # type: ignore[attr-defined]
 
 
+def _attach_external_data(
+    tensors: list[onnx.TensorProto], base_dir: Path, model_path: Path
+) -> None:
+    """Lazy loading: check every external reference and record its file, reading no data."""
+    sizes: dict[Path, int] = {}
+    for tensor in tensors:
+        info = ExternalDataInfo(tensor)
+        file = safe_external_path(base_dir, info.location, model_path)
+        if file not in sizes:
+            sizes[file] = file.stat().st_size
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length else sizes[file] - offset
+        if offset < 0 or length < 0 or offset + length > sizes[file]:
+            raise BadInputError(
+                f"{model_path}: external data for '{tensor.name}' is truncated in '{info.location}'"
+            )
+        _set_external(tensor, info.location, offset, length, file)
+
+
+def _set_external(
+    tensor: onnx.TensorProto, location: str, offset: int, length: int, source: Path
+) -> None:
+    """Make `tensor` a lazy external reference (its bytes in `source` at offset/length)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (
+        ("location", location),
+        ("offset", str(offset)),
+        ("length", str(length)),
+        (SOURCE_KEY, str(source)),
+    ):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def lazy_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
+    """(file, offset, length) of a lazily loaded tensor, or None for an in-memory tensor."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    entries = {e.key: e.value for e in tensor.external_data}
+    if SOURCE_KEY not in entries:
+        return None
+    return Path(entries[SOURCE_KEY]), int(entries.get("offset") or 0), int(entries["length"])
+
+
+def is_lazy(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of the model still lives in an external file (lazy loading)."""
+    return any(lazy_source(t) is not None for t in _all_tensors(model))
+
+
+def _read_range(file: Path, offset: int, length: int) -> bytes:
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(length)
+    if len(raw) != length:
+        raise BadInputError(f"external data file {file} changed while in use (truncated)")
+    return raw
+
+
+def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array, also for lazily loaded external tensors (read from their file)."""
+    source = lazy_source(tensor)
+    if source is None:
+        return numpy_helper.to_array(tensor)
+    inline = onnx.TensorProto()
+    inline.name, inline.data_type = tensor.name, tensor.data_type
+    inline.dims.extend(tensor.dims)
+    inline.raw_data = _read_range(*source)
+    return numpy_helper.to_array(inline)
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a lazily loaded model with every external tensor read into memory."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in _all_tensors(copy):
+        source = lazy_source(tensor)
+        if source is not None:
+            raw = _read_range(*source)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    return copy
+
+
+def _check_serialized(data: bytes) -> None:
+    try:
+        onnx.checker.check_model(data)
+    except onnx.checker.ValidationError as exc:
+        raise BadInputError(f"model fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def _check_path(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise BadInputError(f"model fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """Run the ONNX checker; a failure is bad input (exit 2)."""
     try:
@@ -125,8 +286,10 @@ def check_model(model: onnx.ModelProto) -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise BadInputError(f"model fails the ONNX checker: {first}") from None
+        message = " ".join(str(exc).split()) or "invalid model"  # one line, all of it
+        if len(message) > 400:
+            message = message[:397] + "..."
+        raise BadInputError(f"model fails the ONNX checker: {message}") from None
 
 
 def _check_large(model: onnx.ModelProto) -> None:
@@ -175,7 +338,12 @@ def save_model(
 ) -> Path:
     """Write a model atomically; external data goes to `<name>.data` beside it when used.
 
-    external_data=None decides by size (over ~2 GB); True or False forces the choice.
+    external_data=None decides by size (over ~2 GB); True or False forces the choice. A model
+    with lazily loaded tensors (load_model(..., external_data="lazy")) is saved with external
+    data by streaming: its lazy tensors are copied file to file, its in-memory tensors are
+    written once and then become lazy references to the written file (the model stays usable
+    and equal; only where its bytes live changes). external_data=False on such a model reads
+    everything into memory first.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -183,9 +351,25 @@ def save_model(
         raise BadInputError(f"{target}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise BadInputError(f"{target}: output folder {folder} is not writable")
-    use_external = (
-        model.ByteSize() > EXTERNAL_DATA_THRESHOLD if external_data is None else (external_data)
-    )
+    lazy = is_lazy(model)
+    if lazy and external_data is False:
+        model, lazy = materialize(model), False
+    serialized: bytes | None = None
+    if lazy:
+        use_external = True
+    elif external_data is None:
+        # Decide by size without ModelProto.ByteSize(), which costs a full serialisation: the
+        # tensor payload bounds the size from below, and the one serialisation we need anyway
+        # settles the rest.
+        use_external = _payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        if not use_external:
+            try:
+                serialized = model.SerializeToString()
+            except ValueError:  # protobuf refuses messages over 2 GiB
+                serialized = None
+            use_external = serialized is None or len(serialized) > EXTERNAL_DATA_THRESHOLD
+    else:
+        use_external = external_data
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
     except OSError as exc:
@@ -193,7 +377,10 @@ def save_model(
     try:
         staged_model = staging / target.name
         data_name = f"{target.name}.data"
-        if use_external:
+        if lazy:
+            _save_streaming(model, staged_model, data_name, folder / data_name)
+            os.replace(staging / data_name, folder / data_name)
+        elif use_external:
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
             onnx.save_model(
@@ -202,16 +389,93 @@ def save_model(
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=data_name,
-                size_threshold=1024,
+                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
             )
             if (staging / data_name).exists():  # every tensor under the threshold: none
                 os.replace(staging / data_name, folder / data_name)
         else:
             with open(staged_model, "wb") as fh:
-                fh.write(model.SerializeToString())
+                fh.write(serialized if serialized is not None else model.SerializeToString())
         os.replace(staged_model, target)
     except OSError as exc:
         raise BadInputError(f"{target}: cannot write ({exc.strerror})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of raw tensor data in the model (a lower bound of its serialised size)."""
+    return sum(len(t.raw_data) for t in _all_tensors(model))
+
+
+def _save_streaming(
+    model: onnx.ModelProto, staged_model: Path, data_name: str, final_data: Path
+) -> None:
+    """Write the model with all tensor data in staged_model's folder/data_name, streaming.
+
+    Lazy tensors are copied from their source files range by range (copy_file_range where the
+    OS has it: the bytes never enter this process). In-memory tensors of at least
+    EXTERNAL_TENSOR_MIN_BYTES are written and turned into lazy references to `final_data`,
+    where the data file will be once the caller has moved it into place.
+    """
+    staged_data = staged_model.parent / data_name
+    moves: list[tuple[onnx.TensorProto, int, int]] = []
+    with open(staged_data, "wb") as out:
+        offset = 0
+        for tensor in _all_tensors(model):
+            source = lazy_source(tensor)
+            if source is not None:
+                length = source[2]
+                _copy_range(source[0], source[1], length, out)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                raw = tensor.raw_data
+                length = len(raw)
+                out.write(raw)
+                del raw
+            else:
+                continue
+            moves.append((tensor, offset, length))
+            offset += length
+            pad = (-offset) % _ALIGN
+            if pad:
+                out.write(b"\0" * pad)
+                offset += pad
+    for tensor, start, length in moves:
+        _set_external(tensor, data_name, start, length, final_data)
+    staged = onnx.ModelProto()
+    staged.CopyFrom(model)  # small now: every large tensor is an external reference
+    for tensor in _all_tensors(staged):
+        if lazy_source(tensor) is not None:
+            kept = [e for e in tensor.external_data if e.key != SOURCE_KEY]
+            del tensor.external_data[:]
+            tensor.external_data.extend(kept)
+    with open(staged_model, "wb") as fh:
+        fh.write(staged.SerializeToString())
+
+
+def _copy_range(source: Path, offset: int, length: int, out) -> None:
+    """Append `length` bytes of `source` from `offset` to the open file `out`."""
+    out.flush()
+    with open(source, "rb") as src:
+        remaining, position = length, offset
+        copy_file_range = getattr(os, "copy_file_range", None)
+        while remaining and copy_file_range is not None:
+            try:
+                done = copy_file_range(src.fileno(), out.fileno(), remaining, position)
+            except OSError:  # e.g. EXDEV on old kernels: fall back to read/write
+                break
+            if done == 0:
+                break
+            remaining -= done
+            position += done
+        if remaining:
+            out.seek(0, os.SEEK_END)
+            src.seek(position)
+            while remaining:
+                chunk = src.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    raise BadInputError(f"external data file {source} is shorter than expected")
+                out.write(chunk)
+                remaining -= len(chunk)
+    out.seek(0, os.SEEK_END)

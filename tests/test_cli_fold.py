@@ -445,3 +445,9 @@ def test_process_verification_failure_exits_1(write_model, tmp_path) -> None:
         env=env,
     )
     assert proc.returncode == 1, proc.stderr
+
+
+def test_process_overflow_prints_no_numpy_warning(write_model) -> None:
+    """stderr carries bnsurgery's own lines only, not a RuntimeWarning from a float cast."""
+    proc = run_process("fold", write_model(m.fp16_overflow("weight")), "--no-verify", "--json")
+    assert "Warning" not in proc.stderr, proc.stderr

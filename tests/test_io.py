@@ -107,6 +107,13 @@ def test_checker_failure_message_is_one_line() -> None:
     assert "\n" not in str(info.value)
 
 
+def test_checker_failure_message_keeps_the_whole_reason() -> None:
+    """onnx's message spans lines ('... of node:\nname: conv ...\n is not output ...')."""
+    with pytest.raises(BadInputError) as info:
+        io.load_model(m.checker_failing())
+    assert "conv" in str(info.value) and "is not output" in str(info.value)
+
+
 def test_check_false_skips_the_checker() -> None:
     assert io.load_model(m.checker_failing(), check=False).graph.node[0].name == "conv"
 
