@@ -231,63 +231,72 @@ class ErrorAccumulator:
             self.mismatched += max(reference.size, candidate.size)
             self.max_abs = self.max_rel = self.min_atol = self.min_rtol = math.inf
             return
-        ref = reference.astype(np.float64, copy=False)
-        cand = candidate.astype(np.float64, copy=False)
+        ref = reference.astype(np.float64, copy=False).ravel()
+        cand = candidate.astype(np.float64, copy=False).ravel()
         self.count += ref.size
-        ref_nan, cand_nan = np.isnan(ref), np.isnan(cand)
-        ref_inf, cand_inf = np.isinf(ref), np.isinf(cand)
-        self.nan[0] += int(ref_nan.sum())
-        self.nan[1] += int(cand_nan.sum())
-        self.inf[0] += int(ref_inf.sum())
-        self.inf[1] += int(cand_inf.sum())
-        both_finite = ~(ref_nan | cand_nan | ref_inf | cand_inf)
-        # non-finite elements pass only when both sides agree exactly (NaN with NaN, +inf with +inf)
-        special_ok = (ref_nan & cand_nan) | (ref_inf & cand_inf & (ref == cand))
-        bad_special = int((~both_finite & ~special_ok).sum())
         with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.where(both_finite, np.abs(cand - ref), 0.0)
-            mag = np.where(both_finite, np.abs(ref), 0.0)
-        self.finite += int(both_finite.sum())
+            diff = np.abs(cand - ref)  # finite exactly where both sides are finite
+        both_finite = np.isfinite(diff)
+        bad_special = 0
+        bad_mask = None
+        if not both_finite.all():  # the slow path, only for tensors with NaN or Inf
+            ref_nan, cand_nan = np.isnan(ref), np.isnan(cand)
+            ref_inf, cand_inf = np.isinf(ref), np.isinf(cand)
+            self.nan[0] += int(ref_nan.sum())
+            self.nan[1] += int(cand_nan.sum())
+            self.inf[0] += int(ref_inf.sum())
+            self.inf[1] += int(cand_inf.sum())
+            # non-finite elements pass only where both sides agree (NaN with NaN, +inf with +inf)
+            special_ok = (ref_nan & cand_nan) | (ref_inf & cand_inf & (ref == cand))
+            bad_mask = ~both_finite & ~special_ok
+            bad_special = int(bad_mask.sum())
+            diff = np.where(both_finite, diff, 0.0)
+            ref = np.where(both_finite, ref, 0.0)
+            cand = np.where(both_finite, cand, 0.0)
+            self.finite += int(both_finite.sum())
+        else:
+            self.finite += ref.size
+        mag = np.abs(ref)
         if diff.size:
             flat_worst = int(np.argmax(diff))
-            worst = float(diff.flat[flat_worst])
+            worst = float(diff[flat_worst])
             if self.worst_index is None or worst > self.max_abs:
-                index = [int(i) for i in np.unravel_index(flat_worst, diff.shape)]
-                if index:
-                    index[0] += self.offset  # a sample index over the whole data
-                self.worst_index = index
+                self.worst_index = self._index(flat_worst, reference.shape)
             self.max_abs = max(self.max_abs, worst)
-            rel = diff / (mag + TINY)
-            self.max_rel = max(self.max_rel, float(rel.max()))
+            self.max_rel = max(self.max_rel, float((diff / (mag + TINY)).max()))
             excess = diff - self.rtol * mag
             self.min_atol = max(self.min_atol, float(excess.max()))
-            over = diff - self.atol
-            beyond = over > 0
+            self.mismatched += int((excess > self.atol).sum())
+            beyond = diff > self.atol
             if beyond.any():  # rtol needed where atol alone is not enough; inf where ref is 0
                 with np.errstate(divide="ignore"):
-                    need = over[beyond] / mag[beyond]
+                    need = (diff[beyond] - self.atol) / mag[beyond]
                 self.min_rtol = max(self.min_rtol, float(need.max()))
-            self.mismatched += int((diff > self.atol + self.rtol * mag).sum())
             self.sum_abs += float(diff.sum())
-            r, c = np.where(both_finite, ref, 0.0), np.where(both_finite, cand, 0.0)
-            self.dot += float(np.dot(r.ravel(), c.ravel()))
-            self.ref_sq += float(np.dot(r.ravel(), r.ravel()))
-            self.cand_sq += float(np.dot(c.ravel(), c.ravel()))
+            # einsum, not BLAS dot: no thread pool spun up for a reduction this small
+            self.dot += float(np.einsum("i,i->", ref, cand))
+            self.ref_sq += float(np.einsum("i,i->", ref, ref))
+            self.cand_sq += float(np.einsum("i,i->", cand, cand))
         if bad_special:
             self.mismatched += bad_special
             if math.isfinite(self.max_abs):
-                index = [int(i) for i in np.argwhere(~both_finite & ~special_ok)[0]]
-                if index:
-                    index[0] += self.offset
-                self.worst_index = index
+                assert bad_mask is not None
+                self.worst_index = self._index(int(np.argmax(bad_mask)), reference.shape)
             self.max_abs = self.max_rel = self.min_atol = self.min_rtol = math.inf
             self.nonfinite_mismatches += bad_special
             self.note = (
                 f"{self.nonfinite_mismatches} NaN/Inf element(s) where the other side differs"
             )
         if is_classification(reference):
-            self._update_topk(ref, cand, labels)
+            self._update_topk(reference.astype(np.float64), candidate.astype(np.float64), labels)
         self.offset += reference.shape[0] if reference.ndim else 1
+
+    def _index(self, flat: int, shape: tuple[int, ...]) -> list[int]:
+        """A flat position in this batch -> an index whose axis 0 counts over all batches."""
+        index = [int(i) for i in np.unravel_index(flat, shape)] if shape else []
+        if index:
+            index[0] += self.offset
+        return index
 
     def _update_topk(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
         n, classes = ref.shape

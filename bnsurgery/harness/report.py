@@ -421,9 +421,10 @@ def render_html(report: CompareReport) -> str:
     for note in report.fallbacks:
         parts.append(f'<p class="warn">WARNING: {_esc(note)}</p>')
     verdict = "PASS" if report.passed else "FAIL"
+    detail = result_line(report).removeprefix("result: ").removeprefix(f"{verdict}, ")
     parts.append(
-        f'<p>Result: <span class="{verdict.lower()}">{verdict}</span>: '
-        f"{_esc(result_line(report).removeprefix('result: '))}</p>"
+        f'<p id="result">Result: <span class="{verdict.lower()}">{verdict}</span>, '
+        f"{_esc(detail)}</p>"
     )
     d = report.data
     summary = [
