@@ -328,3 +328,22 @@ def test_bf16_fold_arithmetic() -> None:
 def test_bf16_fold_keeps_bf16() -> None:
     folded = bnsurgery.fold(m.conv_bn_typed(m.BF16)).model
     assert {t.data_type for t in folded.graph.initializer} == {m.BF16}
+
+
+# -- verify=True in the API ---------------------------------------------------------------------
+def test_api_verify_records_the_outcome() -> None:
+    assert bnsurgery.fold(m.conv_bn(), verify=True).report.verification["ok"] is True
+
+
+def test_api_verify_raises_check_failed_on_a_wrong_fold(monkeypatch) -> None:
+    from bnsurgery.errors import CheckFailed
+    from bnsurgery.passes import fold_math
+
+    real = fold_math.conv_forward
+    monkeypatch.setattr(fold_math, "conv_forward", lambda w, b, s, t: real(w, b, s * 1.01, t))
+    with pytest.raises(CheckFailed):
+        bnsurgery.fold(m.conv_bn(), verify=True)
+
+
+def test_api_without_verify_records_nothing() -> None:
+    assert bnsurgery.fold(m.conv_bn()).report.verification is None
