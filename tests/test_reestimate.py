@@ -1,0 +1,440 @@
+"""BN re-estimation: each mode against a float64 reference, waves, caching, prior, shards,
+saved statistics, the CLI, and every bad input of issue 4."""
+
+from __future__ import annotations
+
+import json
+
+import bn_reference as ref
+import models
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES, sha256
+
+from bnsurgery.errors import BadInputError, DataError, UsageError
+from bnsurgery.passes.reestimate import reestimate
+from bnsurgery.stats import StatsSet, relative_error
+
+TOL = 1e-6  # statistics vs the float64 reference (issue 4)
+
+
+@pytest.fixture(scope="module")
+def net() -> onnx.ModelProto:
+    return ref.conv_net()
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return ref.image_data(48, shift=0.7)
+
+
+def _stats(result) -> dict:
+    return {k: (m.mean, m.var) for k, m in result.report.stats.entries.items()}
+
+
+def _assert_close(measured: dict, expected: dict, tol: float = TOL) -> None:
+    assert set(measured) == set(expected)
+    for name, (mean, var) in expected.items():
+        assert relative_error(measured[name][0], mean) < tol, (name, "mean")
+        assert relative_error(measured[name][1], var) < tol, (name, "var")
+
+
+# -- modes against the reference ----------------------------------------------------------------
+def test_exact_mode_matches_sequential_adabn_in_float64(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16)
+    _assert_close(_stats(result), ref.reference_exact(net, ref.split(images, 16)))
+
+
+def test_exact_mode_writes_the_population_variance(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16)
+    expected = ref.reference_exact(net, ref.split(images, 16))
+    params = ref.bn_params(result.model)
+    for name, (mean, var) in expected.items():
+        assert relative_error(params[name][2], mean) < TOL
+        assert relative_error(params[name][3], var) < TOL  # biased: np.var, ddof=0
+
+
+def test_batch_mode_matches_batch_statistics_forward_with_pooled_moments(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16, mode="batch")
+    _assert_close(_stats(result), ref.reference_batch(net, ref.split(images, 16)))
+    assert result.report.run.passes == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_two_dimensional_bns_match_the_reference(mode):
+    model = ref.mlp()
+    x = np.random.default_rng(4).normal(0.3, 1.5, (50, 6)).astype(np.float32)
+    reference = ref.reference_exact if mode == "exact" else ref.reference_batch
+    expected = reference(model, ref.split(x, 16))  # 16, 16, 16, 2
+    result = reestimate(model, {"x": x}, batch_size=16, mode=mode)
+    _assert_close(_stats(result), expected)
+
+
+def test_a_one_sample_tail_batch_joins_the_previous_batch_in_batch_mode():
+    model = ref.mlp()
+    x = np.random.default_rng(6).normal(0, 1, (33, 6)).astype(np.float32)
+    result = reestimate(model, {"x": x}, batch_size=16, mode="batch")
+    expected = ref.reference_batch(model, [{"x": x[:16]}, {"x": x[16:]}])
+    _assert_close(_stats(result), expected)
+    assert result.report.batches == 2
+
+
+@pytest.mark.parametrize("opset", [7, 9, 14, 18])
+def test_every_opset_gives_the_same_statistics(opset):
+    base = models.conv_bn(opset=13)
+    x = np.random.default_rng(0).normal(0, 1, (12, 4, 7, 7)).astype(np.float32)
+    want = reestimate(base, {"x": x}).report.stats.entries["bn"]
+    got = reestimate(models.conv_bn(opset=opset), {"x": x}).report.stats.entries["bn"]
+    assert relative_error(got.var, want.var) < 1e-12
+    assert relative_error(got.mean, want.mean) < 1e-12
+
+
+def test_opset6_model_with_initializers_as_inputs():
+    model = models.opset6_bn()
+    x = np.random.default_rng(1).normal(0, 1, (10, 3, 5, 5)).astype(np.float32)
+    result = reestimate(model, {"x": x})
+    _assert_close(_stats(result), ref.reference_exact(model, ref.split(x, 2)))
+
+
+def test_per_activation_statistics_of_spatial0_bns():
+    model = models.spatial0_bn()
+    x = np.random.default_rng(2).normal(0, 1, (10, 3, 5, 5)).astype(np.float32)
+    result = reestimate(model, {"x": x})
+    conv = ref.to_float64(model)
+    conv.graph.output[0].name = "conv_out"
+    del conv.graph.node[1]
+    from onnx.reference import ReferenceEvaluator
+
+    act = ReferenceEvaluator(conv).run(None, {"x": x.astype(np.float64)})[0]
+    moments = result.report.stats.entries["bn"]
+    assert relative_error(moments.mean, act.mean(axis=0).ravel()) < TOL
+    assert relative_error(moments.var, act.var(axis=0).ravel()) < TOL
+
+
+def test_fp16_model_statistics_are_accurate_to_fp16_activations():
+    model = models.conv_bn_typed(models.F16)
+    x = np.random.default_rng(3).normal(0, 1, (8, 3, 5, 5)).astype(np.float16)
+    result = reestimate(model, {"x": x})
+    expected = ref.reference_exact(model, ref.split(x, 2))
+    _assert_close(_stats(result), expected, tol=2e-3)
+
+
+def test_the_input_model_is_not_modified(net, images):
+    before = net.SerializeToString()
+    reestimate(net, {"x": images}, batch_size=16)
+    assert net.SerializeToString() == before
+
+
+# -- waves, passes and the cache ------------------------------------------------------------------
+def test_independent_bns_share_a_wave_and_each_wave_is_one_pass(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16)
+    waves = {b.name: b.wave for b in result.report.bns}
+    assert waves == {"bn0": 1, "bn_a": 2, "bn_b": 2, "bn_sum": 3, "bn_fc": 4}
+    run = result.report.run.to_dict()
+    assert run["passes"] == 4
+    assert run["recomputed_nodes"] == 0
+    assert run["forward_equivalents"] <= 1.0  # every node at most once per sample
+
+
+def test_no_cache_budget_recomputes_and_gives_the_same_statistics(net, images):
+    cached = reestimate(net, {"x": images}, batch_size=16)
+    recomputed = reestimate(net, {"x": images}, batch_size=16, memory_budget=0)
+    assert recomputed.report.run.recomputed_nodes > 0
+    assert recomputed.report.run.peak_cache_bytes == 0
+    assert recomputed.report.run.to_dict()["forward_equivalents"] > 1.5
+    for name, m in cached.report.stats.entries.items():
+        other = recomputed.report.stats.entries[name]
+        assert relative_error(other.mean, m.mean) < 1e-9
+        assert relative_error(other.m2, m.m2) < 1e-9
+
+
+def test_a_small_budget_keeps_what_fits(net, images):
+    full = reestimate(net, {"x": images}, batch_size=16)
+    budget = full.report.run.peak_cache_bytes // 3
+    partial = reestimate(net, {"x": images}, batch_size=16, memory_budget=budget)
+    assert 0 < partial.report.run.peak_cache_bytes <= budget
+    assert partial.report.run.recomputed_nodes > 0
+    for name, m in full.report.stats.entries.items():
+        assert relative_error(partial.report.stats.entries[name].var, m.var) < 1e-9
+
+
+# -- options -------------------------------------------------------------------------------
+def test_prior_blends_with_the_source_statistics(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16, prior=16)
+    expected = ref.reference_exact(net, ref.split(images, 16), prior=16)
+    params = ref.bn_params(result.model)
+    for name, (mean, var) in expected.items():
+        assert relative_error(params[name][2], mean) < TOL
+        assert relative_error(params[name][3], var) < TOL
+
+
+def test_samples_limits_the_data(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16, samples=20)
+    assert result.report.samples == 20
+    _assert_close(
+        _stats(result), ref.reference_exact(net, [{"x": images[:16]}, {"x": images[16:20]}])
+    )
+
+
+def test_nodes_selects_bns_and_leaves_the_others_untouched(net, images):
+    result = reestimate(net, {"x": images}, batch_size=16, nodes="^bn_(a|b)$")
+    assert sorted(b.name for b in result.report.bns) == ["bn_a", "bn_b"]
+    before, after = ref.bn_params(net), ref.bn_params(result.model)
+    for name in ("bn0", "bn_sum", "bn_fc"):
+        np.testing.assert_array_equal(after[name][2], before[name][2])
+    assert not np.array_equal(after["bn_a"][2], before["bn_a"][2])
+
+
+def test_saved_statistics_applied_without_data_give_the_same_model(net, images, tmp_path):
+    measured = reestimate(net, {"x": images}, batch_size=16, prior=4)
+    path = measured.report.stats.save(tmp_path / "s.npz")
+    applied = reestimate(net, stats=str(path), prior=4)
+    a, b = ref.bn_params(measured.model), ref.bn_params(applied.model)
+    for name in a:
+        np.testing.assert_array_equal(a[name][2], b[name][2])
+        np.testing.assert_array_equal(a[name][3], b[name][3])
+
+
+@pytest.mark.parametrize("mode", ["batch", "exact"])
+def test_shard_statistics_merge_to_the_single_run(mode, tmp_path):
+    # batch mode: any model; exact mode: shards agree exactly when every BN is in wave 1
+    model = ref.conv_net() if mode == "batch" else models.conv_bn()
+    x = (
+        ref.image_data(48, seed=9, size=6)
+        if mode == "batch"
+        else np.random.default_rng(9).normal(0, 1, (48, 4, 7, 7)).astype(np.float32)
+    )
+    name = "x"
+    size = 16 if mode == "batch" else 2
+    single = reestimate(model, {name: x}, batch_size=size, mode=mode).report.stats
+    parts = [
+        reestimate(model, {name: x[a:b]}, batch_size=size, mode=mode).report.stats.save(
+            tmp_path / f"p{a}.npz"
+        )
+        for a, b in ((0, 32), (32, 48))
+    ]
+    from bnsurgery.stats import merge_files
+
+    merged = merge_files(parts)
+    assert merged.samples == single.samples == 48
+    for key, m in single.entries.items():
+        assert relative_error(merged.entries[key].mean, m.mean) < 1e-9
+        assert relative_error(merged.entries[key].m2, m.m2) < 1e-9
+
+
+def test_sample_model_exact_mode_on_digits():
+    model = onnx.load(SAMPLES / "digits_cnn.onnx")
+    x = np.load(SAMPLES / "digits_train.npz")["input"][:128]
+    result = reestimate(model, {"input": x}, batch_size=64)
+    assert result.report.waves == 4 and result.report.run.passes == 4
+    _assert_close(_stats(result), ref.reference_exact(model, ref.split(x, 64, "input")))
+
+
+# -- bad input (API) -----------------------------------------------------------------------
+def test_no_bn_is_refused():
+    with pytest.raises(BadInputError, match="no BatchNormalization"):
+        reestimate(onnx.load(SAMPLES / "digits_cnn_nobn.onnx"), "random:4")
+
+
+def test_nodes_matching_nothing_is_refused(net, images):
+    with pytest.raises(BadInputError, match="matches no BatchNormalization"):
+        reestimate(net, {"x": images}, nodes="^nothing$")
+
+
+def test_training_mode_bn_is_refused():
+    with pytest.raises(BadInputError, match="training mode"):
+        reestimate(models.training_mode_bn(), "random:4")
+
+
+def test_nan_in_activations_names_the_first_bn_input(net, images):
+    bad = images.copy()
+    bad[20, 0, 2, 2] = np.nan
+    with pytest.raises(DataError, match=r"input 'c0' of BatchNormalization 'bn0' \(batch 1\)"):
+        reestimate(net, {"x": bad}, batch_size=16)
+
+
+def test_inf_appearing_downstream_names_that_bn(net, images):
+    model = onnx.ModelProto()
+    model.CopyFrom(net)
+    for t in model.graph.initializer:
+        if t.name == "conv_b.b":
+            value = onnx.numpy_helper.to_array(t).copy()
+            value[1] = np.inf
+            t.CopyFrom(onnx.numpy_helper.from_array(value, t.name))
+    with pytest.raises(DataError, match="'cb' of BatchNormalization 'bn_b'"):
+        reestimate(model, {"x": images}, batch_size=16)
+
+
+def test_one_sample_is_refused(net, images):
+    with pytest.raises(DataError, match="at least 2"):
+        reestimate(net, {"x": images[:1]})
+
+
+def test_batch_mode_needs_two_values_per_channel():
+    x = np.random.default_rng(0).normal(0, 1, (8, 6)).astype(np.float32)
+    with pytest.raises(DataError, match="1 value\\(s\\) per channel"):
+        reestimate(ref.mlp(), {"x": x}, batch_size=1, mode="batch")
+
+
+def test_data_that_does_not_fit_is_refused(net):
+    with pytest.raises(DataError):
+        reestimate(net, {"x": np.zeros((4, 3, 6), np.float32)})
+    with pytest.raises(DataError):
+        reestimate(net, {"x": np.zeros((4, 3, 6, 6), np.float64)})
+
+
+def test_statistics_of_another_model_are_refused(net, images, tmp_path):
+    other = reestimate(
+        ref.mlp(), {"x": (np.ones((4, 6)) * np.arange(4)[:, None]).astype(np.float32)}
+    )
+    path = other.report.stats.save(tmp_path / "other.npz")
+    with pytest.raises(DataError, match="another model"):
+        reestimate(net, stats=str(path))
+
+
+def test_data_and_stats_together_or_neither_is_a_usage_error(net, images, tmp_path):
+    with pytest.raises(UsageError):
+        reestimate(net)
+    with pytest.raises(UsageError):
+        reestimate(net, {"x": images}, stats=StatsSet("exact"))
+    with pytest.raises(UsageError):
+        reestimate(net, {"x": images}, mode="train")
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+@pytest.fixture
+def files(tmp_path, net, images, write_model):
+    model = write_model(net)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=images)
+    return model, data
+
+
+def test_cli_writes_the_default_output_and_one_json_document(cli, files):
+    model, data = files
+    digest = sha256(model)
+    code, out, err = cli("reestimate", model, "--data", data, "--batch-size", "16", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    out_path = model.with_name("net.reestimated.onnx")
+    assert payload["output"] == str(out_path) and out_path.exists()
+    assert payload["passes"] == 4 and payload["samples"] == 48
+    assert {b["name"] for b in payload["bns"]} == {"bn0", "bn_a", "bn_b", "bn_sum", "bn_fc"}
+    assert {"old_avg", "new_avg"} <= set(payload["bns"][0]["var"])
+    assert sha256(model) == digest
+
+
+def test_cli_text_report(cli, files):
+    model, data = files
+    code, out, err = cli(
+        "reestimate", model, "--data", data, "--mode", "batch", "-o", model.with_name("b.onnx")
+    )
+    assert code == 0, err
+    assert "mode batch: 48 samples" in out and "1 pass(es)" in out and "bn_sum" in out
+
+
+def test_cli_shards_merge_and_apply(cli, files, tmp_path):
+    model, _ = files
+    x = ref.image_data(32, seed=1)
+    for i in range(2):
+        np.savez(tmp_path / f"shard{i}.npz", x=x[16 * i : 16 * (i + 1)])
+        code, _, err = cli(
+            "reestimate",
+            model,
+            "--data",
+            tmp_path / f"shard{i}.npz",
+            "--mode",
+            "batch",
+            "--save-stats",
+            tmp_path / f"s{i}.npz",
+            "-o",
+            tmp_path / f"o{i}.onnx",
+        )
+        assert code == 0, err
+    code, _, err = cli(
+        "merge-stats", tmp_path / "s0.npz", tmp_path / "s1.npz", "-o", tmp_path / "m.npz"
+    )
+    assert code == 0, err
+    code, out, err = cli(
+        "reestimate",
+        model,
+        "--stats",
+        tmp_path / "m.npz",
+        "-o",
+        tmp_path / "applied.onnx",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 32
+    np.savez(tmp_path / "all.npz", x=x)
+    cli(
+        "reestimate",
+        model,
+        "--data",
+        tmp_path / "all.npz",
+        "--mode",
+        "batch",
+        "--batch-size",
+        "16",
+        "-o",
+        tmp_path / "single.onnx",
+    )
+    a = ref.bn_params(onnx.load(tmp_path / "applied.onnx"))
+    b = ref.bn_params(onnx.load(tmp_path / "single.onnx"))
+    for name in a:
+        assert relative_error(a[name][3], b[name][3]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{data}", "--nodes", "^zzz$"], "matches no BatchNormalization"),
+        (["--data", "{data}", "--nodes", "("], "not a valid regular expression"),
+        (["--data", "{data}", "--samples", "1"], "--samples must be >= 2"),
+        (["--data", "{bad_data}"], "expects"),
+        (["--data", "{nan_data}"], "NaN or Inf"),
+        (["--stats", "{other_stats}"], "another model"),
+        (["--data", "{data}", "--stats", "{other_stats}"], "exclude each other"),
+        ([], "--data DATA"),
+        (["--data", "{data}", "--memory-budget", "lots"], "memory-budget"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(cli, files, tmp_path, args, message):
+    model, data = files
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 5, 5), np.float32))
+    nan = ref.image_data(8)
+    nan[3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=nan)
+    other = reestimate(
+        ref.mlp(), {"x": (np.ones((4, 6)) * np.arange(4)[:, None]).astype(np.float32)}
+    )
+    other.report.stats.save(tmp_path / "other.npz")
+    values = {
+        "data": data,
+        "bad_data": tmp_path / "bad.npz",
+        "nan_data": tmp_path / "nan.npz",
+        "other_stats": tmp_path / "other.npz",
+    }
+    digest = sha256(model)
+    code, _, err = cli("reestimate", model, *[a.format(**values) for a in args])
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert sha256(model) == digest
+    assert not model.with_name("net.reestimated.onnx").exists()
+
+
+def test_cli_no_bn_and_training_mode(cli, write_model, tmp_path):
+    nobn = write_model(onnx.load(SAMPLES / "digits_cnn_nobn.onnx"), "nobn.onnx")
+    code, _, err = cli("reestimate", nobn, "--data", "random:4")
+    assert code == 2 and "no BatchNormalization" in err
+    train = write_model(models.training_mode_bn(), "train.onnx")
+    code, _, err = cli("reestimate", train, "--data", "random:4")
+    assert code == 2 and "training mode" in err
+
+
+def test_help_ends_with_an_example(cli):
+    code, out, _ = cli("reestimate", "--help")
+    assert code == 0
+    assert out.rstrip().splitlines()[-2].strip() == "Example:" or "Example:" in out
+    assert out.rstrip().splitlines()[-1].strip().startswith("-o ")
