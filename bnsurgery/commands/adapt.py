@@ -1,0 +1,116 @@
+"""`bnsurgery adapt`: insert -> calibrate on SOURCE -> re-estimate on TARGET -> fold back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnsurgery.cli import emit, json_option
+from bnsurgery.commands.insert import render_insert
+from bnsurgery.commands.reestimate import ProgressBar, data_notes, parse_size, render_reestimate
+from bnsurgery.data import parse_shape_overrides
+from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.passes.reestimate import MODES
+
+EXAMPLE = """\b
+Example:
+  bnsurgery adapt sample_models/digits_cnn_nobn.onnx \\
+      --source sample_models/digits_train.npz --target shifted.npz -o digits_adapted.onnx
+"""
+
+
+def render_adapt(payload: dict[str, Any]) -> str:
+    lines = []
+    if payload["inserted"] is not None:
+        lines += ["insert + calibrate on SOURCE:", render_insert(payload["inserted"]), ""]
+    lines += ["re-estimate on TARGET:", render_reestimate(payload["reestimate"]), ""]
+    if payload["folded"]:
+        lines.append(
+            f"folded back: {payload['bns_after']} BN left, nodes {payload['nodes_before']} -> "
+            f"{payload['nodes_after']}"
+        )
+    else:
+        lines.append(
+            f"nodes {payload['nodes_before']} -> {payload['nodes_after']}, "
+            f"BNs {payload['bns_before']} -> {payload['bns_after']}"
+        )
+    lines += [f"note: {n}" for n in payload["notes"]]
+    lines.append(f"time: {payload['seconds']:.3f} s")
+    return "\n".join(lines)
+
+
+@click.command("adapt", epilog=EXAMPLE)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "target_data", required=True, help="DATA of the new distribution.")
+@click.option("--source", help="DATA of the training distribution (needed when MODEL has no BN).")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.adapted.onnx"
+)
+@click.option(
+    "--fold/--no-fold",
+    default=True,
+    show_default=True,
+    help="Fold the inserted BNs back (same node count as MODEL).",
+)
+@click.option("--mode", type=click.Choice(MODES), default="exact", show_default=True)
+@click.option("--prior", type=click.FloatRange(min=0), help="Blend with the source statistics.")
+@click.option("--samples", type=click.IntRange(min=1), help="At most N samples of each DATA.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@click.option(
+    "--after", help="Op types to insert BNs after (default Conv,ConvTranspose,Gemm,MatMul)."
+)
+@click.option("--nodes", help="Regex: nodes to insert after (no BN) or BNs to re-estimate.")
+@click.option("--memory-budget", default="2GB", show_default=True, help="Exact-mode cache size.")
+@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
+@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@json_option
+def adapt_command(
+    model: Path,
+    target_data: str,
+    source: str | None,
+    output: Path | None,
+    fold: bool,
+    mode: str,
+    prior: float | None,
+    samples: int | None,
+    batch_size: int | None,
+    after: str | None,
+    nodes: str | None,
+    memory_budget: str,
+    shapes: tuple[str, ...],
+    provider: str,
+    as_json: bool,
+) -> None:
+    """Adapt MODEL to TARGET's input distribution by re-estimating its BN statistics.
+
+    A model without BN gets BNs inserted and calibrated on SOURCE first, and folded back
+    afterwards (--fold), so the output has MODEL's nodes with new weights.
+    """
+    from bnsurgery.adapt import adapt
+
+    out = resolve_output_path(model, output, "adapted")
+    original = load_model(model)
+    with ProgressBar("adapting") as bar:
+        result = adapt(
+            original,
+            target_data,
+            source=source,
+            fold=fold,
+            mode=mode,
+            prior=prior,
+            samples=samples,
+            batch_size=batch_size,
+            after=after,
+            nodes=nodes,
+            memory_budget=parse_size(memory_budget),
+            shapes=parse_shape_overrides(shapes),
+            provider=provider,
+            progress=bar,
+        )
+    payload = result.report.to_dict()
+    data_notes(payload["reestimate"]["data"])
+    written = save_model(result.model, out)
+    payload["output"] = str(written)
+    emit(as_json, payload, lambda: render_adapt(payload) + f"\nwrote {written}")

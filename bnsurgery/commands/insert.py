@@ -1,0 +1,127 @@
+"""`bnsurgery insert`: put BatchNormalization back after Conv / ConvTranspose / Gemm / MatMul."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnsurgery.cli import emit, json_option
+from bnsurgery.commands.reestimate import ProgressBar, data_notes
+from bnsurgery.data import parse_shape_overrides
+from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.passes.insert import DEFAULT_AFTER
+
+EXAMPLE = """\b
+Example:
+  bnsurgery insert sample_models/digits_cnn_nobn.onnx \\
+      --calibrate sample_models/digits_train.npz -o digits_bn.onnx
+"""
+
+
+def render_insert(payload: dict[str, Any]) -> str:
+    rows = [("after node", "op", "BN", "channels", "dtype")]
+    for e in payload["inserted"]:
+        rows.append((e["after"], e["op"], e["bn"], str(e["channels"]), e["dtype"]))
+    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(5)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for s in payload["skipped"]:
+        lines.append(f"skipped {s['node']} ({s['op']}): {s['reason']}")
+    cal = payload.get("calibration")
+    if cal:
+        lines.append(
+            f"calibrated on {cal['data']}: {cal['samples']} samples, one pass, "
+            f"{cal['seconds']:.3f} s (identity on DATA's distribution)"
+        )
+    elif payload["inserted"]:
+        lines.append("identity BNs (mean 0, var 1-eps, scale 1, B 0); --calibrate DATA to fit them")
+    lines.append(f"inserted {len(payload['inserted'])} BatchNormalization node(s)")
+    return "\n".join(lines)
+
+
+@click.command("insert", epilog=EXAMPLE)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.inserted.onnx"
+)
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@click.option(
+    "--after",
+    default=",".join(DEFAULT_AFTER),
+    show_default=True,
+    help="Op types to follow with a BN (comma-separated).",
+)
+@click.option("--nodes", help="Only nodes whose name (or output) matches this regular expression.")
+@click.option(
+    "--calibrate",
+    "calibrate",
+    help="DATA: make each new BN the identity on this data's distribution (mean = mu, "
+    "var = sigma^2, scale = sqrt(sigma^2 + eps), B = mu).",
+)
+@click.option(
+    "--epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-5,
+    show_default=True,
+    help="The new BNs' epsilon.",
+)
+@click.option(
+    "--include-outputs",
+    is_flag=True,
+    help="Also insert after nodes that produce a graph output (the classifier, usually).",
+)
+@click.option("--samples", type=click.IntRange(min=1), help="Calibrate on at most N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
+@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@json_option
+def insert_command(
+    model: Path,
+    output: Path | None,
+    in_place: bool,
+    after: str,
+    nodes: str | None,
+    calibrate: str | None,
+    epsilon: float,
+    include_outputs: bool,
+    samples: int | None,
+    batch_size: int | None,
+    shapes: tuple[str, ...],
+    provider: str,
+    as_json: bool,
+) -> None:
+    """Insert a BatchNormalization after each selected node not already followed by one.
+
+    Without --calibrate the new BNs compute the identity exactly. With it they stay the
+    identity and carry DATA's statistics, so `bnsurgery reestimate` on shifted data then
+    adapts a model whose BNs the exporter had folded away.
+    """
+    from bnsurgery.passes.insert import insert
+
+    target = resolve_output_path(model, output, "inserted", in_place=in_place)
+    original = load_model(model)
+    with ProgressBar("calibrating") as bar:
+        result = insert(
+            original,
+            after=after,
+            nodes=nodes,
+            calibrate=calibrate,
+            epsilon=epsilon,
+            include_outputs=include_outputs,
+            samples=samples,
+            batch_size=batch_size,
+            shapes=parse_shape_overrides(shapes),
+            provider=provider,
+            progress=bar,
+        )
+    payload = result.report.to_dict()
+    if payload.get("calibration"):
+        data_notes(payload["calibration"]["data"])
+    written = save_model(result.model, target)
+    payload["output"] = str(written)
+    emit(as_json, payload, lambda: render_insert(payload) + f"\nwrote {written}")

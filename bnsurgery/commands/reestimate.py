@@ -1,0 +1,226 @@
+"""`bnsurgery reestimate`: recompute BatchNormalization statistics on new data (AdaBN).
+
+Also home of the helpers the insert / adapt / merge-stats commands share: the stderr progress
+bar, the --memory-budget size parser and the per-BN statistics table.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnsurgery.cli import State, emit, info, json_option
+from bnsurgery.data import parse_shape_overrides
+from bnsurgery.errors import UsageError
+from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MODES
+
+EXAMPLE = """\b
+Example:
+  bnsurgery reestimate sample_models/digits_cnn.onnx --data sample_models/digits_test.npz \\
+      -o digits_adapted.onnx --prior 16
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`2GB`, `512M`, `1.5GiB`, `1000000` to bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"--memory-budget '{text}': expected a size such as 2GB, 512MB or 0")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+class ProgressBar:
+    """A click progress bar on stderr, only when stderr is a TTY and not --quiet; the engines
+    call it as progress(advance, total)."""
+
+    def __init__(self, label: str) -> None:
+        ctx = click.get_current_context(silent=True)
+        state = ctx.find_root().obj if ctx is not None else None
+        quiet = isinstance(state, State) and state.quiet
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.label = label
+        self._bar: Any = None
+
+    def __call__(self, advance: int, total: int | None) -> None:
+        if not self.enabled or total is None:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(advance)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
+
+
+def _g(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def render_bns(bns: list[dict[str, Any]]) -> str:
+    """One row per BN: wave, mean and var averages old -> new, largest changes."""
+    rows = [("BN", "wave", "mean (avg) old -> new", "var (avg) old -> new", "var ratio")]
+    for b in bns:
+        rows.append(
+            (
+                b["name"],
+                str(b["wave"]),
+                f"{_g(b['mean']['old_avg'])} -> {_g(b['mean']['new_avg'])}",
+                f"{_g(b['var']['old_avg'])} -> {_g(b['var']['new_avg'])}",
+                f"{_g(b['var']['min_ratio'])}..{_g(b['var']['max_ratio'])}",
+            )
+        )
+    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_reestimate(payload: dict[str, Any]) -> str:
+    lines = [render_bns(payload["bns"]), ""]
+    if payload.get("stats_file"):
+        lines.append(
+            f"applied statistics from {payload['stats_file']} ({payload['samples']} samples)"
+        )
+    else:
+        lines.append(
+            f"mode {payload['mode']}: {payload['samples']} samples from {payload['data']} "
+            f"in {payload['batches']} batches of {payload['batch_size']}, "
+            f"{payload['waves']} wave(s), {payload['passes']} pass(es) "
+            f"({payload['forward_equivalents']} forward equivalents), "
+            f"{payload['seconds']:.3f} s"
+        )
+    if payload.get("prior") is not None:
+        lines.append(f"prior: {payload['prior']:g} (blended with the model's statistics)")
+    for skipped in payload.get("skipped", []):
+        lines.append(f"skipped {skipped['name']}: {skipped['reason']}")
+    return "\n".join(lines)
+
+
+def data_notes(source_description: str | None) -> None:
+    if source_description and source_description.startswith("random:"):
+        info(f"note: DATA is synthetic ({source_description})")
+
+
+@click.command("reestimate", epilog=EXAMPLE)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", help="DATA to measure on: file.npz, file.npy, folder, script.py, random:N.")
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(path_type=Path),
+    help="Apply saved statistics (from --save-stats or merge-stats) instead of measuring.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.reestimated.onnx"
+)
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="exact",
+    show_default=True,
+    help="exact: population statistics in inference mode, BN by BN in waves (AdaBN); "
+    "batch: one pass, every BN normalising with its batch statistics (like torch's update_bn).",
+)
+@click.option("--samples", type=click.IntRange(min=1), help="Use at most N samples of DATA.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@click.option(
+    "--prior",
+    type=click.FloatRange(min=0),
+    help="Blend with the model's statistics: lambda = N / (N + samples) (Schneider et al.).",
+)
+@click.option("--nodes", help="Only BNs whose name matches this regular expression.")
+@click.option(
+    "--memory-budget",
+    default="2GB",
+    show_default=True,
+    help="Bytes of cached activations between waves (exact mode); past it, recompute.",
+)
+@click.option(
+    "--save-stats",
+    type=click.Path(path_type=Path),
+    help="Also write the measured statistics (.npz) for merge-stats.",
+)
+@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
+@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@json_option
+def reestimate_command(
+    model: Path,
+    data: str | None,
+    stats_path: Path | None,
+    output: Path | None,
+    in_place: bool,
+    mode: str,
+    samples: int | None,
+    batch_size: int | None,
+    prior: float | None,
+    nodes: str | None,
+    memory_budget: str,
+    save_stats: Path | None,
+    shapes: tuple[str, ...],
+    provider: str,
+    as_json: bool,
+) -> None:
+    """Re-estimate the BatchNormalization statistics of MODEL on DATA.
+
+    Exact mode measures each BN's input in inference mode once every BN upstream of it has
+    its new statistics; independent BNs share a pass. The stored var is the population
+    (biased) variance. See docs/reestimate.md.
+    """
+    from bnsurgery.passes.reestimate import ReestimatePass
+
+    if data is None and stats_path is None:
+        raise UsageError("give --data DATA to measure on, or --stats FILE to apply")
+    if data is not None and stats_path is not None:
+        raise UsageError("--data and --stats exclude each other")
+    target = resolve_output_path(model, output, "reestimated", in_place=in_place)
+    budget = parse_size(memory_budget) if memory_budget else DEFAULT_MEMORY_BUDGET
+    original = load_model(model)
+    with ProgressBar("re-estimating") as bar:
+        result = ReestimatePass(
+            data,
+            mode=mode,
+            samples=samples,
+            batch_size=batch_size,
+            prior=prior,
+            nodes=nodes,
+            memory_budget=budget,
+            stats=stats_path,
+            shapes=parse_shape_overrides(shapes),
+            provider=provider,
+            progress=bar,
+        )(original)
+    report = result.report
+    data_notes(report.data)  # type: ignore[attr-defined]
+    if save_stats is not None:
+        report.stats.save(save_stats)  # type: ignore[attr-defined]
+    written = save_model(result.model, target)
+    payload = report.to_dict()
+    payload["output"] = str(written)
+    payload["saved_stats"] = str(save_stats) if save_stats is not None else None
+    emit(
+        as_json,
+        payload,
+        lambda: (
+            render_reestimate(payload)
+            + (f"\nsaved statistics to {save_stats}" if save_stats else "")
+            + f"\nwrote {written}"
+        ),
+    )
