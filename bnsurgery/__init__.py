@@ -5,6 +5,9 @@ Public API (every function accepts a path, bytes or an onnx.ModelProto):
     fold(model, ...) -> PassResult            fold BN into neighbouring linear ops
     info(model, ...) -> FoldReport            what fold would do, without rewriting
     compare(reference, candidate, ...) -> CompareReport   outputs across models and providers
+    insert(model, ...) -> PassResult          BN after Conv/Gemm/..., identity or calibrated
+    reestimate(model, data, ...) -> PassResult   BN statistics re-estimated on data (AdaBN)
+    adapt(model, target, source=...) -> PassResult   insert, calibrate, re-estimate, fold back
     load_model(source) / save_model(model, path)
 """
 
@@ -86,4 +89,49 @@ def info(model: ModelSource, *, backward: bool = True, affine: bool = True) -> F
     return fold(model, backward=backward, affine=affine).report  # type: ignore[return-value]
 
 
-__all__ = ["__version__", "compare", "fold", "info", "load_model", "save_model"]
+def insert(model: ModelSource, **options: Any) -> PassResult:
+    """Insert BatchNormalization after Conv/ConvTranspose/Gemm/MatMul nodes not followed by one.
+
+    Options: after ("Conv,Gemm" or a sequence), nodes (regex), calibrate (DATA: make each new
+    BN the identity on that data's distribution), epsilon, include_outputs, samples,
+    batch_size, shapes, provider. Without calibrate the new BNs are exact identities.
+    """
+    from bnsurgery.passes.insert import insert as _insert
+
+    return _insert(load_model(model), **options)
+
+
+def reestimate(model: ModelSource, data: Any = None, **options: Any) -> PassResult:
+    """Re-estimate BN statistics on DATA (AdaBN); report.stats holds the measured moments.
+
+    Options: mode ("exact" or "batch"), samples, batch_size, prior, nodes (regex),
+    memory_budget (bytes), stats (a StatsSet or .npz path to apply instead of data), shapes,
+    provider, opt_level, progress.
+    """
+    from bnsurgery.passes.reestimate import reestimate as _reestimate
+
+    return _reestimate(load_model(model), data, **options)
+
+
+def adapt(model: ModelSource, target: Any, **options: Any) -> PassResult:
+    """Insert (if no BN) -> calibrate on source -> re-estimate on target -> fold back.
+
+    Options: source (DATA; needed when the model has no BN), fold (default True), mode,
+    prior, samples, batch_size, after, nodes, include_outputs, memory_budget, shapes, provider.
+    """
+    from bnsurgery.adapt import adapt as _adapt
+
+    return _adapt(load_model(model), target, **options)
+
+
+__all__ = [
+    "__version__",
+    "adapt",
+    "compare",
+    "fold",
+    "info",
+    "insert",
+    "load_model",
+    "reestimate",
+    "save_model",
+]

@@ -24,6 +24,10 @@ COMMANDS: list[tuple[str, str]] = [
     ("bnsurgery.commands.fold", "fold_command"),
     ("bnsurgery.commands.fold", "info_command"),
     ("bnsurgery.commands.compare", "compare_command"),
+    ("bnsurgery.commands.insert", "insert_command"),
+    ("bnsurgery.commands.reestimate", "reestimate_command"),
+    ("bnsurgery.commands.merge_stats", "merge_stats_command"),
+    ("bnsurgery.commands.adapt", "adapt_command"),
 ]
 
 log = logging.getLogger("bnsurgery")
