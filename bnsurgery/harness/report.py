@@ -111,8 +111,9 @@ def render_text(report: CompareReport) -> str:
     d = report.data
     labels = "with labels" if d.get("labels") else "no labels"
     lines.append(
-        f"data       {d['source']}: {d.get('samples')} samples, {d.get('batches', 0)} batches "
-        f"of up to {d.get('batch_size') or '-'}, {labels}"
+        f"data       {d['source']}: {_plural(d.get('samples') or 0, 'sample')}, "
+        f"{_plural(d.get('batches', 0), 'batch', 'batches')} of up to "
+        f"{d.get('batch_size') or '-'}, {labels}"
     )
     for note in report.notes:
         if note not in report.fallbacks:
@@ -178,9 +179,11 @@ def render_text(report: CompareReport) -> str:
 def result_line(report: CompareReport) -> str:
     if not report.pairs:
         return "result: nothing compared (stability only)"
+    fallback = sum(p.session.fallback for p in report.pairs) + report.reference_session.fallback
+    caveat = f" ({fallback} run(s) on a FALLBACK provider, see the warning)" if fallback else ""
     if report.passed:
         n = len(report.pairs)
-        return f"result: PASS, {n} comparison{'s' if n != 1 else ''} within tolerance"
+        return f"result: PASS, {_plural(n, 'comparison')} within tolerance{caveat}"
     parts = []
     for pair in report.failures:
         bad = [m for m in pair.outputs if not m.passed]
@@ -188,7 +191,11 @@ def result_line(report: CompareReport) -> str:
             f"{m.name} (max abs {_g(m.max_abs)}, passes at atol {_g(m.min_atol)})" for m in bad
         )
         parts.append(f"{pair.model} on {pair.session.describe()}: {names}")
-    return "result: FAIL, beyond tolerance: " + "; ".join(parts)
+    return "result: FAIL, beyond tolerance: " + "; ".join(parts) + caveat
+
+
+def _plural(n: int, word: str, plural: str = "") -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _stability_text(report: CompareReport) -> list[str]:
@@ -431,7 +438,11 @@ def render_html(report: CompareReport) -> str:
         ["reference", _session_line(report)],
         ["candidate", report.candidate or "-"],
         ["providers", ", ".join(report.providers)],
-        ["data", f"{d['source']}: {d.get('samples')} samples, {d.get('batches', 0)} batches"],
+        [
+            "data",
+            f"{d['source']}: {_plural(d.get('samples') or 0, 'sample')}, "
+            f"{_plural(d.get('batches', 0), 'batch', 'batches')}",
+        ],
         ["labels", "yes" if d.get("labels") else "no"],
         ["generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],  # noqa: UP017
     ]
