@@ -128,13 +128,76 @@ def gemm_graphs(draw) -> Generated:
     return Generated(model, foldable, f"Gemm after={after} {attrs} C={c_shape} eps={eps}")
 
 
-graphs = st.one_of(conv_graphs(), gemm_graphs())
+@st.composite
+def flatten_graphs(draw) -> Generated:
+    """x[N,C,H,W] -> BN -> Flatten(axis) or Reshape(target) -> Gemm or MatMul.
+
+    Only a flattening that keeps one sample per row (Flatten axis=1, Reshape to [N, C*H*W] with
+    N spelled 0, -1 or literally) maps feature f to channel f // (H*W); the others mix channels
+    or samples within a row, and the BN must stay."""
+    n, c = draw(st.integers(2, 3)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    per_sample = c * h * w
+    how = draw(st.sampled_from(["flatten", "reshape"]))
+    if how == "flatten":
+        axis = draw(st.integers(0, 3))
+        rows, cols = int(np.prod([n, c, h, w][:axis])), int(np.prod([n, c, h, w][axis:]))
+        foldable = axis == 1
+        node = helper.make_node("Flatten", ["bn_out"], ["flat"], name="flatten", axis=axis)
+        extra = []
+    else:
+        total = n * per_sample
+        cols = draw(st.sampled_from(sorted({d for d in range(1, total + 1) if total % d == 0})))
+        rows = total // cols
+        first = draw(st.sampled_from([rows, -1] + ([0] if rows == n else [])))
+        foldable = cols == per_sample
+        extra = [onnx.numpy_helper.from_array(np.array([first, cols], np.int64), "shape")]
+        node = helper.make_node("Reshape", ["bn_out", "shape"], ["flat"], name="reshape")
+    k = draw(st.integers(1, 4))
+    r = m.rng(draw(st.integers(0, 2**16)))
+    use_gemm = draw(st.booleans())
+    inits = [*extra, m.init("W", m.weight(r, [k, cols] if use_gemm else [cols, k], fan_in=cols))]
+    if use_gemm:
+        inits.append(m.init("C", r.normal(0, 0.5, k)))
+        dense = helper.make_node("Gemm", ["flat", "W", "C"], ["y"], name="gemm", transB=1)
+    else:
+        dense = helper.make_node("MatMul", ["flat", "W"], ["y"], name="matmul")
+    bn, bn_inits = _bn("bn", "x", "bn_out", r, c, 1e-5)
+    model = m.make(
+        [bn, node, dense],
+        [m.vi("x", [n, c, h, w])],
+        [m.vi("y", [rows, k])],
+        inits + bn_inits,
+        check=False,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    label = f"{how} to [{rows}, {cols}] of {[n, c, h, w]} into {dense.op_type}"
+    return Generated(model, foldable, label)
+
+
+graphs = st.one_of(conv_graphs(), gemm_graphs(), flatten_graphs())
 
 
 @SETTINGS
-@given(graphs)
-def test_fold_is_equivalent_to_the_original(case: Generated) -> None:
+@given(conv_graphs())
+def test_conv_fold_is_equivalent_to_the_original(case: Generated) -> None:
     m.assert_equivalent(case.model, bnsurgery.fold(case.model).model)
+
+
+@SETTINGS
+@given(gemm_graphs())
+def test_gemm_fold_is_equivalent_to_the_original(case: Generated) -> None:
+    m.assert_equivalent(case.model, bnsurgery.fold(case.model).model)
+
+
+@SETTINGS
+@given(flatten_graphs())
+def test_flatten_fold_is_equivalent_to_the_original(case: Generated) -> None:
+    folded = bnsurgery.fold(case.model).model
+    try:
+        m.assert_equivalent(case.model, folded)
+    except AssertionError:
+        raise AssertionError(f"{case.description}: folded model differs") from None
 
 
 @SETTINGS
