@@ -126,7 +126,7 @@ class ErrorMetrics:
 
     name: str
     dtype: str
-    shape: list[int]  # of the reference, first batch (axis 0 = that batch's size)
+    shape: list[int]  # of the reference over all batches (axis 0 = samples)
     count: int
     atol: float
     rtol: float
@@ -327,7 +327,7 @@ class ErrorAccumulator:
         return ErrorMetrics(
             name=self.name,
             dtype=self.dtype,
-            shape=self.shape,
+            shape=[self.offset, *self.shape[1:]] if self.shape else [],
             count=self.count,
             atol=self.atol,
             rtol=self.rtol,
