@@ -119,7 +119,7 @@ def adapt(model: ModelSource, target: Any, **options: Any) -> PassResult:
     Options: source (DATA; needed when the model has no BN), fold (default True), mode,
     prior, samples, batch_size, after, nodes, include_outputs, memory_budget, shapes, provider.
     """
-    from bnsurgery.adapt import adapt as _adapt
+    from bnsurgery.passes.adapt import adapt as _adapt
 
     return _adapt(load_model(model), target, **options)
 

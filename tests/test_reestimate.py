@@ -40,7 +40,7 @@ def _assert_close(measured: dict, expected: dict, tol: float = TOL) -> None:
         assert relative_error(measured[name][1], var) < tol, (name, "var")
 
 
-# -- modes against the reference ----------------------------------------------------------------
+# -- modes against the reference ------------------------------------------------------------------
 def test_exact_mode_matches_sequential_adabn_in_float64(net, images):
     result = reestimate(net, {"x": images}, batch_size=16)
     _assert_close(_stats(result), ref.reference_exact(net, ref.split(images, 16)))
@@ -159,7 +159,7 @@ def test_a_small_budget_keeps_what_fits(net, images):
         assert relative_error(partial.report.stats.entries[name].var, m.var) < 1e-9
 
 
-# -- options -------------------------------------------------------------------------------
+# -- options --------------------------------------------------------------------------------------
 def test_prior_blends_with_the_source_statistics(net, images):
     result = reestimate(net, {"x": images}, batch_size=16, prior=16)
     expected = ref.reference_exact(net, ref.split(images, 16), prior=16)
@@ -231,7 +231,7 @@ def test_sample_model_exact_mode_on_digits():
     _assert_close(_stats(result), ref.reference_exact(model, ref.split(x, 64, "input")))
 
 
-# -- bad input (API) -----------------------------------------------------------------------
+# -- bad input (API) ------------------------------------------------------------------------------
 def test_no_bn_is_refused():
     with pytest.raises(BadInputError, match="no BatchNormalization"):
         reestimate(onnx.load(SAMPLES / "digits_cnn_nobn.onnx"), "random:4")

@@ -88,7 +88,7 @@ def adapt_command(
     A model without BN gets BNs inserted and calibrated on SOURCE first, and folded back
     afterwards (--fold), so the output has MODEL's nodes with new weights.
     """
-    from bnsurgery.adapt import adapt
+    from bnsurgery.passes.adapt import adapt
 
     out = resolve_output_path(model, output, "adapted")
     original = load_model(model)

@@ -36,6 +36,7 @@ from bnsurgery.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.errors import BadInputError, UsageError
 from bnsurgery.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassResult, register
+from bnsurgery.passes.reestimate import add_initializer
 
 DEFAULT_AFTER = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SUPPORTED_AFTER = frozenset(DEFAULT_AFTER)
@@ -212,7 +213,7 @@ class InsertPass:
             param_names = []
             for label, value in values.items():
                 pname = names(f"{bn_name}.{label}")
-                graph.initializer.append(numpy_helper.from_array(value.astype(np_dtype), pname))
+                add_initializer(model, numpy_helper.from_array(value.astype(np_dtype), pname))
                 param_names.append(pname)
             attrs: dict[str, Any] = {"epsilon": self.epsilon}
             if opset < 7:

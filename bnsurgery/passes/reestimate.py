@@ -225,7 +225,7 @@ class ParamWriter:
             tensor = numpy_helper.from_array(
                 _cast(value, dtype).reshape(self._shape_of(name, value)), new_name
             )
-            self.model.graph.initializer.append(tensor)
+            add_initializer(self.model, tensor)
             self._inits[new_name] = self.model.graph.initializer[-1]
             self._users[name] = self._users.get(name, 1) - 1
             self._users[new_name] = 1
@@ -271,6 +271,15 @@ class ParamWriter:
             _cast(value, tensor.data_type).reshape(tuple(tensor.dims)), name
         )
         tensor.CopyFrom(new)
+
+
+def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
+    """Append an initializer; IR < 4 also wants it listed among the graph inputs."""
+    model.graph.initializer.append(tensor)
+    if model.ir_version < 4:
+        model.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        )
 
 
 def _cast(value: np.ndarray, dtype: int) -> np.ndarray:
