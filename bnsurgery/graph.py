@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from bnsurgery.io import tensor_to_array
 
 # Ops evaluated at rewrite time when all their inputs are constant (exporters emit these to
 # build weights and shapes). Anything else with constant inputs stays a runtime op.
@@ -219,7 +220,7 @@ class GraphIndex:
         if name in self.initializers:
             if self.is_overridable_input(name):
                 return None
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_to_array(self.initializers[name])
         producer = self.producer(name)
         if producer is None:
             if name in self.inputs:
@@ -301,7 +302,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.ref_attr_name:  # a function attribute reference: depends on the call site
             return None
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_to_array(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":

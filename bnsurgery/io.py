@@ -264,18 +264,21 @@ def _check_serialized(data: bytes) -> None:
     try:
         onnx.checker.check_model(data)
     except onnx.checker.ValidationError as exc:
-        raise BadInputError(f"model fails the ONNX checker: {_first_line(exc)}") from None
+        raise _checker_failure(exc) from None
 
 
 def _check_path(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise BadInputError(f"model fails the ONNX checker: {_first_line(exc)}") from None
+        raise _checker_failure(exc) from None
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+def _checker_failure(exc: Exception) -> BadInputError:
+    message = " ".join(str(exc).split()) or "invalid model"  # one line, all of it
+    if len(message) > 400:
+        message = message[:397] + "..."
+    return BadInputError(f"model fails the ONNX checker: {message}")
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -286,10 +289,7 @@ def check_model(model: onnx.ModelProto) -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        message = " ".join(str(exc).split()) or "invalid model"  # one line, all of it
-        if len(message) > 400:
-            message = message[:397] + "..."
-        raise BadInputError(f"model fails the ONNX checker: {message}") from None
+        raise _checker_failure(exc) from None
 
 
 def _check_large(model: onnx.ModelProto) -> None:

@@ -10,7 +10,8 @@ import click
 from bnsurgery.cli import emit, json_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
-from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.io import is_lazy, load_model, materialize, resolve_output_path, save_model
+from bnsurgery.passes import PassResult
 from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold_report import FoldReport
 
@@ -105,15 +106,22 @@ def fold_command(
     start = time.perf_counter()
     target = resolve_output_path(model, output, "folded", in_place=in_place)
     shape_overrides = parse_shape_overrides(shapes)
-    original = load_model(model)
-    result = FoldPass(backward=not no_backward, affine=not no_affine)(original)
+    # External data stays in its files and is read tensor by tensor; without verification the
+    # original is not needed afterwards, so the pass rewrites it in place (no copy).
+    original = load_model(model, external_data="lazy")
+    lazy = is_lazy(original)
+    result = FoldPass(backward=not no_backward, affine=not no_affine, in_place=not verify)(original)
     report: FoldReport = result.report  # type: ignore[assignment]
     failure: CheckFailed | None = None
     if verify:
         from bnsurgery.verify import verify_fold
 
+        reference, candidate = original, result
+        if lazy:  # the runtimes need the weights in memory
+            reference = materialize(original)
+            candidate = PassResult(materialize(result.model), report, result.modified)
         try:
-            verify_fold(original, result, shapes=shape_overrides)
+            verify_fold(reference, candidate, shapes=shape_overrides)
         except CheckFailed as exc:
             failure = exc
     written = None
@@ -142,7 +150,9 @@ def info_command(model: Path, no_backward: bool, no_affine: bool, as_json: bool)
       bnsurgery info sample_models/resnet_small.onnx --json
     """
     start = time.perf_counter()
-    result = FoldPass(backward=not no_backward, affine=not no_affine)(load_model(model))
+    # A dry run: the loaded model is only read, so no copy; external data is read on demand.
+    loaded = load_model(model, external_data="lazy")
+    result = FoldPass(backward=not no_backward, affine=not no_affine, in_place=True)(loaded)
     report: FoldReport = result.report  # type: ignore[assignment]
     seconds = time.perf_counter() - start
     emit(

@@ -111,18 +111,27 @@ def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
 
 @register("fold")
 class FoldPass:
-    """Fold BNs and per-channel affines into linear ops. Returns a new model (not in place)."""
+    """Fold BNs and per-channel affines into linear ops.
+
+    Returns a new model, unless constructed with in_place=True: then the given model is rewritten
+    and returned (the CLI does that when it needs no copy of the original, saving a full copy).
+    """
 
     name = "fold"
     in_place = False
 
-    def __init__(self, *, backward: bool = True, affine: bool = True) -> None:
+    def __init__(
+        self, *, backward: bool = True, affine: bool = True, in_place: bool = False
+    ) -> None:
         self.backward = backward
         self.affine = affine
+        self.in_place = in_place
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
-        working = copy.deepcopy(model)
+        # In place, `original` is the model being rewritten: it is only read for tensor ranks,
+        # which folding never changes (every name keeps its meaning and its rank).
+        working = model if self.in_place else copy.deepcopy(model)
         folder = _ModelFolder(working, original=model, backward=self.backward, affine=self.affine)
         report = folder.run()
         report.seconds = time.perf_counter() - start

@@ -28,13 +28,36 @@ def dtype_max(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).max)
 
 
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _scaled(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float64(w) * scale in one pass (no float64 copy of w first); the same numbers."""
+    if w.dtype in _NATIVE_FLOATS:
+        return np.multiply(w, scale, dtype=np.float64)
+    return _f64(w) * scale
+
+
 def cast_checked(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-    """Cast float64 results to the stored dtype; None if anything is non-finite or out of range."""
+    """Cast float64 results to the stored dtype; None if anything is non-finite or out of range.
+
+    The checks run on the cast (min/max reductions, no temporaries): a NaN, an infinity or a
+    value past the dtype's range shows up there as NaN or inf. Only when a value sits at the
+    dtype's max after the cast (it may have been rounded down onto it) is the float64 input
+    tested exactly against the range.
+    """
     value = _f64(value)
-    if not np.isfinite(value).all() or (np.abs(value) > dtype_max(dtype)).any():
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
+        cast = value.astype(dtype)
+    if cast.size == 0:
+        return cast
+    check = cast if dtype in _NATIVE_FLOATS else cast.astype(np.float32)
+    lo, hi = float(np.min(check)), float(np.max(check))  # NaN propagates through min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         return None
-    cast = value.astype(dtype)
-    if not np.isfinite(cast.astype(np.float64)).all():  # rounding up past max in small dtypes
+    limit = dtype_max(dtype)
+    if (hi >= limit or lo <= -limit) and (np.abs(value) > limit).any():
         return None
     return cast
 
@@ -52,7 +75,7 @@ def conv_forward(
     w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Conv W [M, C/g, k...]: W'[o] = W[o]*s[o], b'[o] = b[o]*s[o] + t[o]."""
-    w64 = _f64(w) * s.reshape(_channel_shape(0, w.ndim, s.size))
+    w64 = _scaled(w, s.reshape(_channel_shape(0, w.ndim, s.size)))
     b64 = (_f64(b) if b is not None else np.zeros_like(s)) * s + t
     return w64, b64
 
