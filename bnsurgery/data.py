@@ -246,6 +246,11 @@ def load_data(
         raise DataError("the model has no runtime inputs to feed")
     shapes = dict(shapes or {})
     size = _batch_size(specs, batch_size)
+    is_random = spec is None or (
+        isinstance(spec, str) and (spec.startswith("random:") or spec == "random")
+    )
+    if is_random and labels_key is not None:
+        raise DataError(f"labels key '{labels_key}' not found: random data has no labels")
     if spec is None:
         source = _random_source(model, specs, DEFAULT_RANDOM_SAMPLES, size, seed, shapes)
         source.notes.append(f"no DATA given: using random:{DEFAULT_RANDOM_SAMPLES}, seed {seed}")

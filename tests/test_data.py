@@ -192,6 +192,11 @@ def test_labels_key_that_does_not_exist(tmp_path: Path):
         load_data(tmp_path / "d.npz", single_input(), labels_key="target")
 
 
+def test_labels_key_with_random_data():
+    with pytest.raises(DataError, match=r"labels key 'label' not found: random data"):
+        load_data("random:4", single_input(), labels_key="label")
+
+
 def test_labels_of_the_wrong_length(tmp_path: Path):
     np.savez(tmp_path / "d.npz", x=images(4), label=np.zeros(3, np.int64))
     with pytest.raises(DataError, match=r"expected 4 labels"):

@@ -167,7 +167,7 @@ def compare_command(
         show_progress=False if quiet else None,
     )
     for note in report.fallbacks:
-        click.echo(f"bnsurgery: WARNING: {note}", err=True)
+        info(f"bnsurgery: WARNING: {note}")
     written = report.write_html(report_path) if report_path is not None else None
     payload = report.to_dict()
     payload["report_html"] = str(written) if written is not None else None
