@@ -1074,38 +1074,11 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
     return session.run(None, feeds)
 
 
-def _inference_batch_norm() -> type:
-    """A BatchNormalization for onnx.reference that computes inference mode in every opset.
-
-    onnx.reference's BatchNormalization_9 (opsets 9-13) fills in the default momentum and then
-    normalises with the batch's own statistics, so it disagrees with ORT and with the ONNX spec
-    on every inference-mode BN of those opsets. Training mode is refused rather than guessed."""
-    from onnx.reference.op_run import OpRun
-
-    class BatchNormalization(OpRun):
-        op_domain = ""
-
-        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None,
-                 training_mode=None, is_test=None, spatial=None):  # fmt: skip
-            if training_mode == 1 or is_test == 0 or any(self.onnx_node.output[1:]):
-                raise NotImplementedError("training-mode BatchNormalization")
-            eps = 1e-5 if epsilon is None else epsilon
-            if spatial == 0:  # parameters are [C, D1, ...], aligned after the batch axis
-                shape = scale.shape
-            else:
-                shape = (-1,) + (1,) * (x.ndim - 2)
-            s, b, mu, v = (np.asarray(p).reshape(shape) for p in (scale, bias, mean, var))
-            y = s * (x - mu) / np.sqrt(v + eps) + b
-            return (y.astype(x.dtype),)
-
-    return BatchNormalization
-
-
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
+    """onnx.reference with an inference-mode BN in every opset (see bnsurgery.reference)."""
+    from bnsurgery.reference import run_reference as evaluate
 
-    evaluator = ReferenceEvaluator(model, new_ops=[_inference_batch_norm()])
-    return [np.asarray(v) for v in evaluator.run(None, feeds)]
+    return list(evaluate(model, feeds).values())
 
 
 def run_pair(

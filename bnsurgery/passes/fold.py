@@ -147,22 +147,29 @@ class _ModelFolder:
         self.backward = backward
         self.affine = affine
         self.names = NameGenerator(model)
-        self._ranks: dict[str, int] | None = None
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
         self.detached: set[str] = set()  # inputs a fold stopped reading: cleanup candidates
         self.rewritten: set[str] = set()  # initializers rewritten in place: value_info is stale
 
     # -- shapes ---------------------------------------------------------------------------
-    def rank(self, name: str) -> int | None:
-        """The rank of a tensor of the original model (names keep their meaning when folded)."""
-        if self._ranks is None:
-            self._ranks = _declared_ranks(self.original.graph)
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """The shape (None for unknown dims) of a tensor of the original model, if known.
+
+        Names keep their meaning and shape when folded, so the original's shapes stay valid.
+        """
+        if self._shapes is None:
+            self._shapes = _declared_shapes(self.original.graph)
             if self.original.ByteSize() < (1 << 30):
                 try:
                     inferred = onnx.shape_inference.infer_shapes(self.original)
-                    self._ranks = _declared_ranks(inferred.graph) | self._ranks
+                    self._shapes = _declared_shapes(inferred.graph) | self._shapes
                 except Exception:  # inference is a help, never a requirement
                     pass
-        return self._ranks.get(name)
+        return self._shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
     # -- the pass -------------------------------------------------------------------------
     def run(self) -> FoldReport:
@@ -197,19 +204,21 @@ def _count_bns(scopes: list[Scope]) -> int:
     return sum(1 for s in scopes for n in s.nodes if n.op_type == "BatchNormalization")
 
 
-def _declared_ranks(graph: onnx.GraphProto) -> dict[str, int]:
-    ranks: dict[str, int] = {}
+def _declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
+    shapes: dict[str, tuple[int | None, ...]] = {}
     for value in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = value.type.tensor_type
         if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            ranks[value.name] = len(tensor_type.shape.dim)
+            shapes[value.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            )
     for init in graph.initializer:
-        ranks[init.name] = len(init.dims)
+        shapes[init.name] = tuple(init.dims)
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                ranks |= _declared_ranks(attr.g)
-    return ranks
+                shapes |= _declared_shapes(attr.g)
+    return shapes
 
 
 class _ScopeFolder:
@@ -554,7 +563,7 @@ class _ScopeFolder:
         k = b_mat.shape[1 if trans_b else 0]
         if flatten is not None:
             channels = site.s.size
-            self._require_channel_major_flatten(flatten, k, channels)
+            self._require_channel_major_flatten(flatten, k, channels, site.x)
             s, t = (
                 fm.expand_to_features(site.s, site.t, k)
                 if channels > 1
@@ -591,9 +600,10 @@ class _ScopeFolder:
         return users[0] if self._is_matmul_bias_add(users[0]) else None
 
     def _require_channel_major_flatten(
-        self, node: onnx.NodeProto, features: int, channels: int
+        self, node: onnx.NodeProto, features: int, channels: int, source: str
     ) -> None:
-        """Flatten(axis=1) or Reshape to [N, C*HW]: feature f belongs to channel f // HW."""
+        """Flatten(axis=1), or a Reshape proven to give one row per sample ([N, C*HW]): then
+        feature f belongs to channel f // HW. A Reshape whose rows mix samples is refused."""
         if features % channels:
             raise Refusal("channel-axis-mismatch", f"{features} features for {channels} channels")
         if node.op_type == "Flatten":
@@ -606,8 +616,21 @@ class _ScopeFolder:
         rows, cols = (int(v) for v in shape)
         if int(_attr(node, "allowzero", 0)) and 0 in (rows, cols):
             raise Refusal("channel-axis-mismatch", "Reshape with allowzero")
-        if cols not in (-1, features) or (cols == -1 and rows not in (0,) and rows < 1):
-            raise Refusal("channel-axis-mismatch", f"Reshape to {[rows, cols]} keeps no batch axis")
+        if cols not in (-1, features):
+            raise Refusal("channel-axis-mismatch", f"Reshape to {[rows, cols]}")
+        if rows == 0:  # copies the batch axis: one row per sample
+            return
+        shape = self.owner.shape(source)
+        if rows == -1 and cols == features and shape is not None:
+            per_sample = shape[1:]
+            if all(d is not None for d in per_sample) and int(np.prod(per_sample)) == features:
+                return
+        if rows > 0 and shape is not None and shape and shape[0] == rows:
+            return
+        raise Refusal(
+            "channel-axis-mismatch",
+            f"Reshape to {[rows, cols]} is not proven to keep one row per sample",
+        )
 
     # -- constants and writes -------------------------------------------------------------
     def weight(self, node: onnx.NodeProto, index: int) -> np.ndarray:
