@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError
@@ -65,6 +66,7 @@ class LayerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
+        numbers = m.to_dict()
         return {
             "tensor": self.match.reference,
             "candidate_tensor": self.match.candidate,
@@ -74,11 +76,11 @@ class LayerRecord:
             "candidate_node": self.match.candidate_node,
             "candidate_op_type": self.match.candidate_op,
             "passed": m.passed,
-            "max_abs": m.to_dict()["max_abs"],
-            "max_rel": m.to_dict()["max_rel"],
-            "mean_abs": m.to_dict()["mean_abs"],
-            "cosine": m.to_dict()["cosine"],
-            "min_atol": m.to_dict()["min_atol"],
+            "max_abs": numbers["max_abs"],
+            "max_rel": numbers["max_rel"],
+            "mean_abs": numbers["mean_abs"],
+            "cosine": numbers["cosine"],
+            "min_atol": numbers["min_atol"],
             "atol": m.atol,
             "rtol": m.rtol,
             "mismatched": m.mismatched,
@@ -372,13 +374,18 @@ def compare(
                         out = runner.infer(batch.feeds)
                         for match in matched:
                             value = ref_layers[match.reference]
+                            other = out[match.candidate]  # type: ignore[index]
+                            if not isinstance(value, np.ndarray) or not isinstance(
+                                other, np.ndarray
+                            ):
+                                continue  # sequences and maps are not compared layer-wise
                             acc = accs.get(match.reference)
                             if acc is None:
                                 tol = global_tol.for_output(match.reference, value.dtype)
                                 acc = accs[match.reference] = ErrorAccumulator(
                                     match.reference, *tol
                                 )
-                            acc.update(value, out[match.candidate])  # type: ignore[index]
+                            acc.update(value, other)
                 samples += batch.size
                 batches += 1
                 with_labels += batch.labels is not None
@@ -399,7 +406,9 @@ def compare(
     for (role, _, cfg), (matched, unmatched, _), accs in zip(
         pair_specs if layer_plans else [], layer_plans, layer_accumulators, strict=True
     ):
-        layers = [LayerRecord(m, accs[m.reference].result()) for m in matched]
+        layers = [
+            LayerRecord(m, accs[m.reference].result()) for m in matched if m.reference in accs
+        ]
         report.layerwise.append(LayerwiseResult(role, cfg.alias, layers, unmatched))
     if report.fallbacks:
         report.notes.extend(report.fallbacks)
