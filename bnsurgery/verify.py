@@ -2,7 +2,8 @@
 
 Both models run on ONNX Runtime CPU with graph optimizations DISABLE_ALL (ORT's own BN fusion
 would otherwise hide a wrong fold), on seeded random inputs; models ORT cannot run (fp64 Conv,
-bf16) fall back to onnx.reference. Tolerances are DESIGN.md §6's, by output dtype.
+bf16) fall back to onnx.reference. Tolerances are DESIGN.md §6's, by output dtype
+(bnsurgery.harness.metrics).
 """
 
 from __future__ import annotations
@@ -15,19 +16,8 @@ import onnx
 
 from bnsurgery.data import random_batches
 from bnsurgery.errors import CheckFailed
+from bnsurgery.harness.metrics import compare_arrays
 from bnsurgery.passes import PassResult
-
-TOLERANCES: dict[str, tuple[float, float]] = {  # dtype -> (atol, rtol)
-    "float16": (2.5e-3, 1e-3),
-    "bfloat16": (2e-2, 1e-2),
-    "float32": (1e-5, 1e-4),
-    "float64": (1e-9, 1e-7),
-}
-TINY = 1e-12
-
-
-def tolerance_for(dtype: np.dtype) -> tuple[float, float]:
-    return TOLERANCES.get(np.dtype(dtype).name, TOLERANCES["float32"])
 
 
 def _run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,22 +48,16 @@ def run_pair(
 
 def output_errors(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     """Max abs/rel error and whether every element is within the dtype's tolerance."""
-    ref = np.asarray(reference, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
-    if ref.shape != cand.shape:
-        return {"shape_mismatch": [list(ref.shape), list(cand.shape)], "ok": False}
-    atol, rtol = tolerance_for(np.asarray(reference).dtype)
-    both_nan = np.isnan(ref) & np.isnan(cand)
-    with np.errstate(invalid="ignore"):  # inf - inf: agreeing infinities are handled below
-        diff = np.abs(ref - cand)
-        diff = np.where(both_nan | (ref == cand), 0.0, diff)  # NaN == NaN, inf == inf agree
-        within = (diff <= atol + rtol * np.abs(ref)) | both_nan | (ref == cand)
+    if np.shape(reference) != np.shape(candidate):
+        return {"shape_mismatch": [list(np.shape(reference)), list(np.shape(candidate))],
+                "ok": False}  # fmt: skip
+    metrics = compare_arrays(reference, candidate)
     return {
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float((diff / (np.abs(ref) + TINY)).max()) if diff.size else 0.0,
-        "atol": atol,
-        "rtol": rtol,
-        "ok": bool(within.all()),
+        "max_abs": metrics.max_abs,
+        "max_rel": metrics.max_rel,
+        "atol": metrics.atol,
+        "rtol": metrics.rtol,
+        "ok": metrics.passed,
     }
 
 
