@@ -1,6 +1,6 @@
 """bnsurgery: surgery on BatchNormalization in ONNX models.
 
-Public API (every function accepts a path, bytes or an onnx.ModelProto):
+Public API (every function accepts a path, bytes, an onnx.ModelProto or an onnx_ir.Model):
 
     fold(model, ...) -> PassResult            fold BN into neighbouring linear ops
     info(model, ...) -> FoldReport            what fold would do, without rewriting
@@ -9,6 +9,8 @@ Public API (every function accepts a path, bytes or an onnx.ModelProto):
     reestimate(model, data, ...) -> PassResult   BN statistics re-estimated on data (AdaBN)
     adapt(model, target, source=...) -> PassResult   insert, calibrate, re-estimate, fold back
     load_model(source) / save_model(model, path)
+    validate(model, ...) -> ValidationReport   the pre-export gate (docs/validate.md)
+    Pipeline([...]).run(model), run_pipeline(toml, model)   passes in sequence
 """
 
 from __future__ import annotations
@@ -135,3 +137,33 @@ __all__ = [
     "reestimate",
     "save_model",
 ]
+
+
+# -- validate and pipelines ------------------------------------------------------------------
+# bnsurgery.validate is also a module; importing it first and defining the function after keeps
+# `bnsurgery.validate` the function (a later `import bnsurgery.validate` finds the module in
+# sys.modules and leaves this attribute alone). Both imports are light (no onnx, no numpy).
+import bnsurgery.validate as _validate_module  # noqa: E402
+from bnsurgery.passes import Pipeline  # noqa: E402
+
+
+def validate(model: Any, **options: Any) -> Any:
+    """Run every validate check (BN health, foldability, fold verification, provider parity,
+    ONNX checker, shape inference, plugin checks) -> ValidationReport (.ok, .findings,
+    .raise_for_findings()).
+
+    Options: data, providers (default ("cpu",)), fail_on ("error" | "warning"), skip, only,
+    shapes, seed, plugins, extra_checks, parity_opt_level. See docs/validate.md.
+    """
+    return _validate_module.validate(model, **options)
+
+
+def run_pipeline(pipeline: Any, model: Any) -> PassResult:
+    """Run a TOML pipeline file on a model; the report holds every step's report
+    (docs/pipelines.md)."""
+    from bnsurgery.pipeline import run_pipeline as _run
+
+    return _run(pipeline, model)
+
+
+__all__ += ["Pipeline", "run_pipeline", "validate"]

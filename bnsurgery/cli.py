@@ -28,6 +28,9 @@ COMMANDS: list[tuple[str, str]] = [
     ("bnsurgery.commands.reestimate", "reestimate_command"),
     ("bnsurgery.commands.merge_stats", "merge_stats_command"),
     ("bnsurgery.commands.adapt", "adapt_command"),
+    ("bnsurgery.commands.validate", "validate_command"),
+    ("bnsurgery.commands.run", "run_command"),
+    ("bnsurgery.commands.plugins", "plugins_command"),
 ]
 
 log = logging.getLogger("bnsurgery")

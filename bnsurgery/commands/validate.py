@@ -1,0 +1,110 @@
+"""`bnsurgery validate`: the pre-export gate (exit 0 clean, 1 failing, 2 bad input, 3 env)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from bnsurgery.cli import State, emit, json_option
+from bnsurgery.data import parse_shape_overrides
+from bnsurgery.validate import FAIL_ON, ValidationReport, validate
+
+
+def render_text(report: ValidationReport, *, verbose: bool) -> str:
+    lines = [
+        f"{report.model}: {report.batchnorms} BatchNormalization node(s), "
+        f"{sum(c.status == 'ran' for c in report.checks)} check(s) ran; "
+        f"providers: {', '.join(report.providers)}"
+        + (f"; data: {report.data}" if report.data else "")
+    ]
+    shown = [f for f in report.findings if verbose or f.severity != "info"]
+    shown.sort(key=lambda f: {"error": 0, "warning": 1, "info": 2}[f.severity])
+    if shown:
+        lines.append("")
+    for finding in shown:
+        where = f"  [{finding.where}]" if finding.where else ""
+        lines.append(f"{finding.severity:<8} {finding.id}{where}")
+        lines.append(f"         {finding.message}")
+        if finding.hint:
+            lines.append(f"         fix: {finding.hint}")
+    if not verbose:
+        infos = Counter(f.id for f in report.findings if f.severity == "info")
+        if infos:
+            listed = ", ".join(f"{name} x{count}" for name, count in infos.items())
+            lines.append("")
+            lines.append(f"info: {listed} (-v or --json lists them)")
+    skipped = [c for c in report.checks if c.status == "skipped"]
+    if skipped:
+        lines.append("")
+        lines.append(
+            "skipped: " + "; ".join(f"{c.name} ({c.note})" if c.note else c.name for c in skipped)
+        )
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    lines.append("")
+    lines.append(report.summary())
+    return "\n".join(lines)
+
+
+@click.command("validate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", help="DATA for fold verification and parity (default random:8, seed 0).")
+@click.option(
+    "--providers",
+    default="cpu",
+    show_default=True,
+    help="Execution providers whose parity with the CPU reference is checked, e.g. cpu,cuda.",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="error",
+    show_default=True,
+    help="Exit 1 when a finding has this severity or a higher one.",
+)
+@click.option(
+    "--skip", "skip", multiple=True, metavar="CHECK", help="Leave a check out (repeatable)."
+)
+@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random data.")
+@click.option("--no-plugins", is_flag=True, help="Run only the built-in checks.")
+@json_option
+@click.pass_context
+def validate_command(
+    ctx: click.Context,
+    model: Path,
+    data: str | None,
+    providers: str,
+    fail_on: str,
+    skip: tuple[str, ...],
+    shapes: tuple[str, ...],
+    seed: int,
+    no_plugins: bool,
+    as_json: bool,
+) -> None:
+    """Gate a model before it ships: BN health, foldability, fold verification, provider parity,
+    the ONNX checker and shape inference.
+
+    Exit 0 when no finding reaches --fail-on, 1 when one does, 2 on bad input, 3 when a
+    requested provider is unavailable. --json lists every finding (docs/validate.md).
+
+    \b
+    Example:
+      bnsurgery validate sample_models/digits_cnn.onnx --providers cpu --fail-on warning
+    """
+    report = validate(
+        model,
+        data=data,
+        providers=providers,
+        fail_on=fail_on,
+        skip=skip,
+        shapes=parse_shape_overrides(shapes),
+        seed=seed,
+        plugins=not no_plugins,
+    )
+    state = ctx.find_root().obj
+    verbose = isinstance(state, State) and state.verbose > 0
+    emit(as_json, report.to_dict(), lambda: render_text(report, verbose=verbose))
+    report.raise_for_findings()
