@@ -328,18 +328,9 @@ def validate(
     report.batchnorms = len(ctx.batchnorms())
     report.notes = plugin_notes + list(ctx.notes)
     report.details = dict(ctx.details)
-    if ctx._data_source is not None:
-        report.data = _describe_data(data)
+    report.data = ctx.data_label
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _describe_data(data: Any) -> str:
-    if data is None:
-        return "random:8 (seed 0)"
-    if isinstance(data, str | os.PathLike):
-        return str(data)
-    return f"<{type(data).__name__}>"
 
 
 def _run_one(runnable: _Runnable, ctx: ValidationContext, findings: list[Finding]) -> CheckRun:

@@ -473,3 +473,41 @@ def test_validate_accepts_path_bytes_proto_and_never_changes_its_input(write_mod
     ]
     assert {len(r.findings) for r in reports} == {1}
     assert model.SerializeToString() == before
+
+
+# -- data and engines --------------------------------------------------------------------------
+def test_without_data_random_samples_fit_a_static_batch():
+    report = validate(M.gemm_bn(), plugins=False)  # static batch 3: random:9
+    assert report.data == "random:9 (seed 0)"
+    assert all(c.status == "ran" for c in report.checks)
+    assert "no DATA given: using random:9, seed 0" in report.notes
+
+
+def test_random_data_that_cannot_feed_the_model_skips_the_running_checks():
+    report = validate(M.params_graph_inputs(), plugins=False)
+    [parity] = [c for c in report.checks if c.name == "provider-parity"]
+    assert parity.status == "skipped" and "random data cannot feed this model" in parity.note
+    assert report.ok
+
+
+def test_fold_verification_falls_back_to_onnx_reference_where_ort_has_no_kernel():
+    report = only(M.conv_bn_typed(M.F64), "fold-verification")
+    assert report.findings == []
+    assert "onnx.reference" in " ".join(report.details["fold-verification"]["engines"])
+
+
+def test_a_model_onnxruntime_cannot_run_fails_parity():
+    [finding] = only(M.conv_bn_typed(M.F64), "provider-parity").findings
+    assert "does not run on onnxruntime" in finding.message
+
+
+def test_a_bug_in_a_builtin_check_is_a_crash_not_a_finding_about_the_model(monkeypatch):
+    import bnsurgery.harness.compare as harness
+
+    def broken(*args, **kwargs):
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(harness, "compare", broken)
+    [crash] = only(M.conv_bn(), "provider-parity").findings
+    assert (crash.id, crash.check) == ("check-crashed", "provider-parity")
+    assert "check 'provider-parity' (builtin) raised IndexError" in crash.message

@@ -92,6 +92,8 @@ class ValidationContext:
         self.notes: list[str] = []
         self.details: dict[str, Any] = {}  # per check name: what it measured (for the report)
         self._data_source: Any = None
+        self._data_problem: str | None = None
+        self.data_label: str | None = None  # what the model ran on, once it ran
 
     # -- scopes and BNs --------------------------------------------------------------------
     @cached_property
@@ -193,18 +195,49 @@ class ValidationContext:
             raise Skip("the model fails the ONNX checker")
 
     def data_source(self) -> Any:
-        """DATA opened for this model (random:8, seed 0 when none was given)."""
+        """DATA opened for this model. Without DATA: seeded random samples, 8 or the next
+        multiple of a static batch dimension. DATA that does not fit raises DataError (exit 2);
+        random data that cannot feed the model (inputs of different static batch sizes, say)
+        raises Skip for the checks that need it."""
         if self._data_source is None:
-            from bnsurgery.data import load_data
+            from bnsurgery.data import DEFAULT_RANDOM_SAMPLES, input_specs, load_data
+            from bnsurgery.errors import DataError
 
-            self._data_source = load_data(
-                self.data, self.model, batch_size=self.batch_size, shapes=self.shapes,
-                seed=self.seed,
-            )  # fmt: skip
+            if self._data_problem is not None:
+                raise Skip(self._data_problem)
+            options = dict(batch_size=self.batch_size, shapes=self.shapes, seed=self.seed)
+            if self.data is not None:
+                self._data_source = load_data(self.data, self.model, **options)
+                self.data_label = _describe(self.data)
+            else:
+                batches = {s.static_batch for s in input_specs(self.model) if s.static_batch}
+                step = batches.pop() if len(batches) == 1 else 1
+                samples = step * -(-DEFAULT_RANDOM_SAMPLES // step)
+                self.data_label = f"random:{samples} (seed {self.seed})"
+                try:
+                    self._data_source = load_data(f"random:{samples}", self.model, **options)
+                except DataError as exc:
+                    self._data_problem = f"random data cannot feed this model ({exc}); give DATA"
+                    raise Skip(self._data_problem) from None
+                self.notes.append(f"no DATA given: using random:{samples}, seed {self.seed}")
             for note in getattr(self._data_source, "notes", []):
                 if note not in self.notes:
                     self.notes.append(note)
         return self._data_source
+
+
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """An error raised by onnxruntime itself (a kernel it lacks, a model it rejects), as
+    opposed to a bug on our side."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def _describe(data: Any) -> str:
+    import os
+
+    if isinstance(data, str | os.PathLike):
+        return str(data)
+    return f"<{type(data).__name__}>"
 
 
 def _is_bfloat16(value: np.ndarray) -> bool:
