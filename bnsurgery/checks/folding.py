@@ -190,7 +190,7 @@ def fold_verification(ctx: ValidationContext) -> Iterator[Finding]:
 
         report = compare(
             ctx.model, result.model, providers=("cpu",), data=ctx.data_source(),
-            shapes=ctx.shapes, seed=ctx.seed, show_progress=False,
+            shapes=ctx.shapes, seed=ctx.seed, show_progress=None,
         )  # fmt: skip
     except BnSurgeryError:
         raise

@@ -37,7 +37,7 @@ def provider_parity(ctx: ValidationContext) -> Iterator[Finding]:
         report = compare(
             ctx.model, None, providers=providers, data=ctx.data_source(),
             opt_level=ctx.parity_opt_level, reference_opt_level="disable_all",
-            shapes=ctx.shapes, seed=ctx.seed, show_progress=False,
+            shapes=ctx.shapes, seed=ctx.seed, show_progress=None,
         )  # fmt: skip
     except BnSurgeryError:
         raise
