@@ -239,11 +239,38 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     source = lazy_source(tensor)
     if source is None:
         return numpy_helper.to_array(tensor)
+    dtype = _PLAIN_DTYPES.get(tensor.data_type)
+    if dtype is not None and np.little_endian:  # read straight into the array: one copy
+        file, offset, length = source
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if count * dtype.itemsize != length:
+            raise BadInputError(f"external data of '{tensor.name}' does not match its shape")
+        with open(file, "rb") as fh:
+            fh.seek(offset)
+            array = np.fromfile(fh, dtype=dtype, count=count)
+        if array.size != count:
+            raise BadInputError(f"external data file {file} changed while in use (truncated)")
+        return array.reshape(tuple(tensor.dims))
     inline = onnx.TensorProto()
     inline.name, inline.data_type = tensor.name, tensor.data_type
     inline.dims.extend(tensor.dims)
     inline.raw_data = _read_range(*source)
     return numpy_helper.to_array(inline)
+
+
+_PLAIN_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+    onnx.TensorProto.INT8: np.dtype("i1"),
+    onnx.TensorProto.UINT8: np.dtype("u1"),
+    onnx.TensorProto.INT16: np.dtype("<i2"),
+    onnx.TensorProto.UINT16: np.dtype("<u2"),
+    onnx.TensorProto.INT32: np.dtype("<i4"),
+    onnx.TensorProto.UINT32: np.dtype("<u4"),
+    onnx.TensorProto.INT64: np.dtype("<i8"),
+    onnx.TensorProto.UINT64: np.dtype("<u8"),
+}  # types whose raw bytes are a plain little-endian numpy array
 
 
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -334,7 +361,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    stream: bool = False,
 ) -> Path:
     """Write a model atomically; external data goes to `<name>.data` beside it when used.
 
@@ -343,7 +374,8 @@ def save_model(
     data by streaming: its lazy tensors are copied file to file, its in-memory tensors are
     written once and then become lazy references to the written file (the model stays usable
     and equal; only where its bytes live changes). external_data=False on such a model reads
-    everything into memory first.
+    everything into memory first. stream=True saves any model that goes to external data that
+    way (no copy of the model; its tensors become references to the written file).
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -357,6 +389,7 @@ def save_model(
     serialized: bytes | None = None
     if lazy:
         use_external = True
+        stream = True
     elif external_data is None:
         # Decide by size without ModelProto.ByteSize(), which costs a full serialisation: the
         # tensor payload bounds the size from below, and the one serialisation we need anyway
@@ -377,7 +410,7 @@ def save_model(
     try:
         staged_model = staging / target.name
         data_name = f"{target.name}.data"
-        if lazy:
+        if use_external and stream:
             _save_streaming(model, staged_model, data_name, folder / data_name)
             os.replace(staging / data_name, folder / data_name)
         elif use_external:

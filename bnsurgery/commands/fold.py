@@ -126,7 +126,14 @@ def fold_command(
             failure = exc
     written = None
     if failure is None:
-        written = save_model(result.model, target, external_data=True if external_data else None)
+        # A model that came with external data keeps it; big tensors are streamed to the .data
+        # file instead of copying the whole model first (see io.save_model).
+        written = save_model(
+            result.model,
+            target,
+            external_data=True if (external_data or lazy) else None,
+            stream=True,
+        )
     seconds = time.perf_counter() - start
     emit(
         as_json,
