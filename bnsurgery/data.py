@@ -159,7 +159,9 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 0
+        """Samples in the batch: axis 0 of the first batched (rank >= 1) input."""
+        batched = [a for a in self.feeds.values() if np.ndim(a) >= 1]
+        return int(np.shape(batched[0])[0]) if batched else (1 if self.feeds else 0)
 
 
 @dataclass
@@ -203,8 +205,11 @@ class DataSource:
     def _check_batch(self, batch: Batch, index: int) -> None:
         for spec in self.specs:
             want = spec.static_batch
-            have = batch.feeds[spec.name].shape[0]
-            if want is not None and have != want:
+            feed = batch.feeds[spec.name]
+            if want is None or np.ndim(feed) == 0:
+                continue
+            have = feed.shape[0]
+            if have != want:
                 raise DataError(
                     f"batch {index}: input '{spec.name}' has a static batch dimension of "
                     f"{want}, got a batch of {have} (the number of samples must be a multiple "
@@ -747,7 +752,10 @@ def _rebatch(chunks: Iterator[Batch], batch_size: int | None) -> Iterator[Batch]
 def _concat(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
         return batches[0]
-    feeds = {k: np.concatenate([b.feeds[k] for b in batches]) for k in batches[0].feeds}
+    feeds = {  # a rank-0 input (a flag, a scalar) has no batch axis: it is shared
+        k: v if np.ndim(v) == 0 else np.concatenate([b.feeds[k] for b in batches])
+        for k, v in batches[0].feeds.items()
+    }
     labels = None
     if all(b.labels is not None for b in batches):
         labels = np.concatenate([b.labels for b in batches])  # type: ignore[misc]
@@ -755,6 +763,6 @@ def _concat(batches: list[Batch]) -> Batch:
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    feeds = {k: v[start:stop] for k, v in batch.feeds.items()}
+    feeds = {k: v if np.ndim(v) == 0 else v[start:stop] for k, v in batch.feeds.items()}
     labels = batch.labels[start:stop] if batch.labels is not None else None
     return Batch(feeds, labels)

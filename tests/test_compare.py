@@ -300,3 +300,13 @@ def test_not_a_model_and_a_bad_map(cli, tmp_path):
 def test_api_raises_bad_input_for_a_candidate_with_other_inputs():
     with pytest.raises(BadInputError, match=r"input 'input' is float32 \[\?x64\] in the ref"):
         bnsurgery.compare(SAMPLES / "digits_mlp.onnx", SAMPLES / "digits_cnn.onnx")
+
+
+def test_scalar_inputs_have_no_batch_axis_and_are_shared_by_every_batch():
+    # An If model's rank-0 bool condition: batching must not slice it (regression: IndexError).
+    import bnsurgery
+    from models import if_bn
+
+    model = if_bn()
+    report = bnsurgery.compare(model, bnsurgery.fold(model).model, data="random:6")
+    assert report.passed
