@@ -398,9 +398,12 @@ class RunStats:
 class Runner:
     """Builds sub-models of one model and runs them on ONNX Runtime."""
 
-    def __init__(self, provider: str = "cpu", opt_level: str = "disable_all") -> None:
+    def __init__(
+        self, provider: str = "cpu", opt_level: str = "disable_all", threads: int = 0
+    ) -> None:
         self.provider = provider
         self.opt_level = opt_level
+        self.threads = threads
         self.session_info: dict[str, Any] | None = None
 
     def session(self, model: onnx.ModelProto):
@@ -408,7 +411,10 @@ class Runner:
 
         try:
             session, info = create_session(
-                model, ProviderConfig(alias=self.provider, opt_level=self.opt_level)
+                model,
+                ProviderConfig(
+                    alias=self.provider, opt_level=self.opt_level, intra_op_threads=self.threads
+                ),
             )
         except Exception as exc:
             from bnsurgery.errors import BnSurgeryError
@@ -547,9 +553,9 @@ def decode_partial(sample_mean: np.ndarray, sample_var: np.ndarray, dims: np.nda
     means = sample_mean.reshape(n, -1).astype(np.float64)
     within = sample_var.reshape(n, -1).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: reported by caller
-        mean = means.mean(axis=0)
+        mean = np.add.reduce(means, axis=0) / n
         spread = means - mean
-        m2 = positions * (within.sum(axis=0) + np.einsum("ij,ij->j", spread, spread))
+        m2 = positions * (np.add.reduce(within, axis=0) + np.add.reduce(spread * spread, axis=0))
     return Moments(n * positions, mean, m2)
 
 
@@ -590,6 +596,7 @@ class Plan:
     waves: int
     last_use: dict[str, int]
     static_producer: dict[str, int]
+    inputs: list[list[str]]
 
     @classmethod
     def build(
@@ -605,8 +612,9 @@ class Plan:
         level: dict[str, int] = {}
         producer: dict[str, int] = {}
         dynamic, stage = [False] * len(nodes), [0] * len(nodes)
+        inputs_of = [node_inputs_with_implicit(node) for node in nodes]
         for i, node in enumerate(nodes):
-            inputs = node_inputs_with_implicit(node)
+            inputs = inputs_of[i]
             dyn = any(n in dynamic_names for n in inputs)
             lvl = max((level.get(n, 0) for n in inputs), default=0)
             target = by_node.get(id(node))
@@ -632,11 +640,11 @@ class Plan:
             if i in needed or not dynamic[i]:
                 continue
             needed.add(i)
-            stack.extend(producer[n] for n in node_inputs_with_implicit(nodes[i]) if n in producer)
+            stack.extend(producer[n] for n in inputs_of[i] if n in producer)
         waves = max(t.wave for t in targets)
         last_use: dict[str, int] = {}
         for i in needed:
-            for name in node_inputs_with_implicit(nodes[i]):
+            for name in inputs_of[i]:
                 if name in dynamic_names:
                     last_use[name] = max(last_use.get(name, -1), stage[i])
         for t in targets:  # measured in the run before the target's stage
@@ -652,19 +660,20 @@ class Plan:
             waves,
             last_use,
             static_producer,
+            inputs_of,
         )
 
     def static_closure(self, run: set[int]) -> set[int]:
         """Constant-producing nodes the run's nodes read (they run again in every part)."""
         found: set[int] = set()
-        stack = [n for i in run for n in node_inputs_with_implicit(self.nodes[i])]
+        stack = [n for i in run for n in self.inputs[i]]
         while stack:
             name = stack.pop()
             i = self.static_producer.get(name)
             if i is None or i in found:
                 continue
             found.add(i)
-            stack.extend(node_inputs_with_implicit(self.nodes[i]))
+            stack.extend(self.inputs[i])
         return found
 
 
@@ -714,7 +723,7 @@ def measure_waves(
     stats.model_nodes = sum(plan.dynamic)
     opset = default_opset(model.opset_import)
     names = NameGenerator(model)
-    types = _tensor_types(model)
+    types = _tensor_types(model) if opset >= 15 else {}  # below 15, X has the params' dtype
     cache = TensorCache(memory_budget)
     results: dict[str, Moments] = {}
     dtypes: dict[str, np.dtype] = {}
@@ -727,9 +736,7 @@ def measure_waves(
         if not wave:
             continue
         run = {i for i in plan.needed if plan.stage[i] == s}
-        wanted = (
-            set().union(*(node_inputs_with_implicit(plan.nodes[i]) for i in run)) if run else set()
-        )
+        wanted = set().union(*(plan.inputs[i] for i in run)) if run else set()
         wanted |= {t.x for t in wave}
         # recompute whatever is neither cached, nor produced here, nor a model input
         recomputed = 0
@@ -742,9 +749,7 @@ def measure_waves(
             run.add(i)
             recomputed += 1
             stack.extend(
-                n
-                for n in node_inputs_with_implicit(plan.nodes[i])
-                if n in plan.producer and plan.dynamic[plan.producer[n]]
+                n for n in plan.inputs[i] if n in plan.producer and plan.dynamic[plan.producer[n]]
             )
         stats.recomputed_nodes += recomputed
         order = sorted(run | plan.static_closure(run))
@@ -754,7 +759,7 @@ def measure_waves(
             {
                 n
                 for i in run
-                for n in node_inputs_with_implicit(plan.nodes[i])
+                for n in plan.inputs[i]
                 if n not in produced and (n in plan.runtime_inputs or n in cache)
             }
             | {t.x for t in wave if t.x not in produced}
@@ -883,7 +888,7 @@ def batch_norm_rewrite(target: BnTarget, x_dtype: int, opset: int, names: NameGe
     inits: list[onnx.TensorProto] = []
     k = target.key
     nodes, out = partial_moments_nodes(target, x_dtype, opset, names, inits)
-    f64 = onnx.TensorProto.DOUBLE
+    work = onnx.TensorProto.DOUBLE if x_dtype == onnx.TensorProto.DOUBLE else onnx.TensorProto.FLOAT
 
     def const(label: str, value: Any, dtype: Any) -> str:
         name = names(f"{k}/{label}")
@@ -900,8 +905,9 @@ def batch_norm_rewrite(target: BnTarget, x_dtype: int, opset: int, names: NameGe
         nodes.append(_reduce(op, x, result, axes, keepdims, opset, names, inits))
         return result
 
-    sample_mean = node("Cast", [out["sample_mean"]], to=f64)  # (N, C, 1)
-    sample_var = node("Cast", [out["sample_var"]], to=f64)  # (N, C, 1)
+    # the batch's pooled mean and biased variance, from the per-sample moments (small tensors,
+    # in the dtype the moments were computed in: float32, or float64 for a float64 model)
+    sample_mean, sample_var = out["sample_mean"], out["sample_var"]  # (N, C, 1)
     mean_keep = reduce("ReduceMean", sample_mean, [0, 2], 1)  # (1, C, 1)
     spread = node("Sub", [sample_mean, mean_keep])
     # pooled biased variance: mean within-sample variance + variance of the sample means
@@ -912,27 +918,32 @@ def batch_norm_rewrite(target: BnTarget, x_dtype: int, opset: int, names: NameGe
             reduce("ReduceMean", node("Mul", [spread, spread]), [0, 2], 1),
         ],
     )
+
+    def as_type(name: str, dtype: int) -> str:
+        return name if dtype == work else node("Cast", [name], to=dtype)
+
     if target.view.spatial:
         # the BN itself normalises, fed the batch statistics: one pass, like the original
         flat = const("flat", [-1], np.int64)
         bn = onnx.NodeProto()
         bn.CopyFrom(target.node)
-        bn.input[3] = node("Cast", [node("Reshape", [mean_keep, flat])], to=target.dtypes[2])
-        bn.input[4] = node("Cast", [node("Reshape", [var_keep, flat])], to=target.dtypes[3])
+        bn.input[3] = as_type(node("Reshape", [mean_keep, flat]), target.dtypes[2])
+        bn.input[4] = as_type(node("Reshape", [var_keep, flat]), target.dtypes[3])
         nodes.append(bn)
     else:  # per-activation statistics (opset < 9, spatial=0): normalise with plain ops
         shape1 = (1, -1, 1)
-        gamma = const("gamma", target.params.scale.reshape(shape1), np.float64)
-        beta = const("beta", target.params.bias.reshape(shape1), np.float64)
-        eps = const("eps", target.view.epsilon, np.float64)
+        np_work = helper.tensor_dtype_to_np_dtype(work)
+        gamma = const("gamma", target.params.scale.reshape(shape1), np_work)
+        beta = const("beta", target.params.bias.reshape(shape1), np_work)
+        eps = const("eps", target.view.epsilon, np_work)
         std = node("Sqrt", [node("Add", [var_keep, eps])])
         scale = node("Div", [gamma, std])
         shift = node("Sub", [beta, node("Mul", [mean_keep, scale])])
         y3 = node(
             "Add",
             [
-                node("Mul", [out["grouped"], node("Cast", [scale], to=x_dtype)]),
-                node("Cast", [shift], to=x_dtype),
+                node("Mul", [out["grouped"], as_type(scale, x_dtype)]),
+                as_type(shift, x_dtype),
             ],
         )
         nodes.append(
@@ -978,7 +989,7 @@ def measure_batch_mode(
     if opset < 7:
         raise BadInputError(f"--mode batch needs opset >= 7 (the model has opset {opset})")
     names = NameGenerator(model)
-    types = _tensor_types(model)
+    types = _tensor_types(model) if opset >= 15 else {}  # below 15, X has the params' dtype
     by_node = {id(t.node): t for t in targets}
     probes: dict[int, Probe] = {}
     # every target runs, even a last BN whose output nothing measured reads
@@ -1142,6 +1153,7 @@ class ReestimatePass:
         shapes: Mapping[str, list[int]] | None = None,
         provider: str = "cpu",
         opt_level: str = "disable_all",
+        threads: int = 0,
         progress: Progress | None = None,
     ) -> None:
         if mode not in MODES:
@@ -1159,7 +1171,7 @@ class ReestimatePass:
         self.data, self.mode, self.samples, self.batch_size = data, mode, samples, batch_size
         self.prior, self.nodes, self.memory_budget = prior, nodes, memory_budget
         self.stats, self.shapes, self.progress = stats, shapes, progress
-        self.runner = Runner(provider, opt_level)
+        self.runner = Runner(provider, opt_level, threads)
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
