@@ -438,3 +438,13 @@ def test_help_ends_with_an_example(cli):
     assert code == 0
     assert out.rstrip().splitlines()[-2].strip() == "Example:" or "Example:" in out
     assert out.rstrip().splitlines()[-1].strip().startswith("-o ")
+
+
+def test_sub_models_past_the_protobuf_limit_go_through_external_data(net, images, monkeypatch):
+    import bnsurgery.io
+
+    want = reestimate(net, {"x": images}, batch_size=16).report.stats
+    monkeypatch.setattr(bnsurgery.io, "EXTERNAL_DATA_THRESHOLD", 256)  # every part is "large"
+    got = reestimate(net, {"x": images}, batch_size=16).report.stats
+    for name, m in want.entries.items():
+        np.testing.assert_array_equal(got.entries[name].mean, m.mean)

@@ -407,15 +407,19 @@ class Runner:
         self.session_info: dict[str, Any] | None = None
 
     def session(self, model: onnx.ModelProto):
+        """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
+        with external data."""
         from bnsurgery.harness.providers import ProviderConfig, create_session
+        from bnsurgery.io import EXTERNAL_DATA_THRESHOLD
 
+        config = ProviderConfig(
+            alias=self.provider, opt_level=self.opt_level, intra_op_threads=self.threads
+        )
         try:
-            session, info = create_session(
-                model,
-                ProviderConfig(
-                    alias=self.provider, opt_level=self.opt_level, intra_op_threads=self.threads
-                ),
-            )
+            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+                session, info = self._session_from_file(model, config)
+            else:
+                session, info = create_session(model, config)
         except Exception as exc:
             from bnsurgery.errors import BnSurgeryError
 
@@ -425,6 +429,20 @@ class Runner:
         if self.session_info is None:
             self.session_info = info.to_dict()
         return session
+
+    @staticmethod
+    def _session_from_file(model: onnx.ModelProto, config: Any):
+        import tempfile
+        from pathlib import Path
+
+        from bnsurgery.harness.providers import create_session
+
+        with tempfile.TemporaryDirectory(prefix="bnsurgery-") as folder:
+            path = Path(folder) / "part.onnx"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(path), save_as_external_data=True, location="part.data")
+            return create_session(path, config)
 
 
 def _first_line(exc: BaseException) -> str:
