@@ -36,7 +36,18 @@ from bnsurgery.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.errors import BadInputError, UsageError
 from bnsurgery.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassResult, register
-from bnsurgery.passes.reestimate import add_initializer
+from bnsurgery.passes.reestimate import (
+    BnChange,
+    ParamWriter,
+    ReestimateReport,
+    Runner,
+    add_initializer,
+    check_samples,
+    find_batchnorms,
+    measure_waves,
+    open_data,
+)
+from bnsurgery.stats import StatsSet
 
 DEFAULT_AFTER = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SUPPORTED_AFTER = frozenset(DEFAULT_AFTER)
@@ -345,15 +356,6 @@ def calibrate_inserted(
     All the BNs are measured in one pass: they are identities before and after, so no BN's
     input depends on another's calibration.
     """
-    from bnsurgery.passes.reestimate import (
-        ParamWriter,
-        ReestimateReport,
-        Runner,
-        find_batchnorms,
-        measure_waves,
-        open_data,
-    )
-    from bnsurgery.stats import StatsSet
 
     start = time.perf_counter()
     wanted = set(bn_names)
@@ -369,9 +371,7 @@ def calibrate_inserted(
     old = {t.key: (t.params.mean.copy(), t.params.var.copy()) for t in targets}
 
     def on_wave(wave, moments) -> None:
-        from bnsurgery.passes.reestimate import _check_samples
-
-        _check_samples(feeds.seen_samples)
+        check_samples(feeds.seen_samples)
         for t in wave:
             m = moments[t.key]
             var = m.var
@@ -392,8 +392,6 @@ def calibrate_inserted(
         stats=report.run,
     )
     writer.finish()
-    from bnsurgery.passes.reestimate import BnChange
-
     for t in targets:
         m = measured[t.key]
         report.bns.append(

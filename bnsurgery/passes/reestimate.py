@@ -10,13 +10,14 @@ Modes:
   therefore runs about once per sample in all; the cache lives within `memory_budget`, and any
   tensor that did not fit is recomputed from the nearest cached tensors (or the data).
 - `batch`: one pass in which every BN normalises with its batch statistics (torch's train-mode
-  forward, as in `torch.optim.swa_utils.update_bn`), rewritten into plain ops so it runs on any
-  EP. The stored statistics are the pooled population moments over all samples.
+  forward, as in `torch.optim.swa_utils.update_bn`), rewritten into standard ops so it runs on
+  any EP. The stored statistics are the pooled population moments over all samples.
 
-Statistics are measured inside ONNX Runtime: each measured tensor is reshaped to (N, C, -1),
-cast to float64 and reduced to per-channel sums, so only C numbers per BN leave the session per
-batch. Batches merge with Chan's formula (bnsurgery.stats). `prior` blends the new statistics
-with the model's current ones, lambda = prior / (prior + samples) (Schneider et al. 2020).
+Statistics are measured inside ONNX Runtime: each measured tensor is reshaped to (N, C, -1) and
+reduced per sample and channel to its mean and mean squared deviation (two passes), so only
+(N, C) numbers per BN leave the session per batch. numpy merges them, and the batches, in
+float64 with Chan's formula (bnsurgery.stats). `prior` blends the new statistics with the
+model's current ones, lambda = prior / (prior + samples) (Schneider et al. 2020).
 """
 
 from __future__ import annotations
@@ -73,10 +74,6 @@ class BnTarget:
     @property
     def channels(self) -> int:
         return self.params.channels
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self.params.mean.shape)
 
 
 def bn_key(node: onnx.NodeProto, name_counts: Mapping[str, int]) -> str:
@@ -383,7 +380,6 @@ class RunStats:
     batches: int = 0
     peak_cache_bytes: int = 0
     recomputed_nodes: int = 0
-    sessions: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         equivalents = self.node_evaluations / self.model_nodes if self.model_nodes else 0.0
@@ -1262,13 +1258,13 @@ class ReestimatePass:
             measured = measure_batch_mode(
                 work, targets, feeds, runner=self.runner, progress=progress, stats=report.run
             )
-            _check_samples(feeds.seen_samples)
+            check_samples(feeds.seen_samples)
             for t in targets:
                 self._write(writer, t, measured[t.key], feeds.seen_samples)
         else:
 
             def on_wave(wave: list[BnTarget], moments: dict[str, Moments]) -> None:
-                _check_samples(feeds.seen_samples)
+                check_samples(feeds.seen_samples)
                 for t in wave:
                     self._write(writer, t, moments[t.key], feeds.seen_samples)
 
@@ -1287,7 +1283,7 @@ class ReestimatePass:
         return measured
 
 
-def _check_samples(samples: int) -> None:
+def check_samples(samples: int) -> None:
     if samples < MIN_SAMPLES:
         raise DataError(
             f"DATA has {samples} sample(s); re-estimation needs at least {MIN_SAMPLES} "
@@ -1298,14 +1294,6 @@ def _check_samples(samples: int) -> None:
 def reestimate(model: onnx.ModelProto, data: Any = None, **options: Any) -> PassResult:
     """Re-estimate the BN statistics of `model` on `data` (see ReestimatePass for options)."""
     return ReestimatePass(data, **options)(model)
-
-
-def expected_passes(model: onnx.ModelProto, nodes: str | None = None) -> int:
-    """How many passes exact mode makes when everything fits the cache (the number of waves)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    targets, _ = find_batchnorms(work, nodes)
-    return Plan.build(work, targets).waves
 
 
 __all__ = [
