@@ -419,7 +419,7 @@ class _ScopeFolder:
     def _conv_forward(self, site: Site, conv: onnx.NodeProto) -> Plan:
         w, b = self.weight(conv, 1), self.optional_const(conv, 2)
         s, t = site.channels(w.shape[0], f"Conv '{conv.name}'")
-        new_w, new_b = fm.conv_forward(w, b, s, t)
+        new_w, new_b = fm.conv_forward(w, b, s, t)  # W' is cast block by block
         return Plan(conv, self.writes(conv, (1, new_w, w.dtype, "W"), (2, new_b, w.dtype, "B")))
 
     def _conv_transpose_forward(self, site: Site, conv: onnx.NodeProto) -> Plan:
@@ -683,13 +683,12 @@ class _ScopeFolder:
         while len(node.input) <= index:
             node.input.append("")
         old = node.input[index]
-        tensor = numpy_helper.from_array(write.value)
         if old and self._owns_initializer(old):
-            tensor.name = old
-            self.index.initializers[old].CopyFrom(tensor)
+            _replace_tensor_value(self.index.initializers[old], write.value)
             self.index.forget_constant(old)
             self.owner.rewritten.add(old)
             return
+        tensor = numpy_helper.from_array(write.value)
         base = old or f"{node.name or node.op_type}_{write.hint}"
         tensor.name = self.owner.names(f"{base}_folded")
         self._add_constant(tensor, before=node)
@@ -723,6 +722,29 @@ class _ScopeFolder:
         position = next(i for i, n in enumerate(nodes) if n is before)
         nodes.insert(position, constant)
         self.index.producers[tensor.name] = (nodes[position], 0)
+
+
+_RAW_TYPES = {
+    np.dtype("<f2"): onnx.TensorProto.FLOAT16,
+    np.dtype("<f4"): onnx.TensorProto.FLOAT,
+    np.dtype("<f8"): onnx.TensorProto.DOUBLE,
+}
+
+
+def _replace_tensor_value(tensor: onnx.TensorProto, value: np.ndarray) -> None:
+    """Make `tensor` hold `value`, keeping its name: what CopyFrom(from_array(value)) does, with
+    one copy of the data fewer (weights are the bulk of a model, so this is worth the lines)."""
+    data_type = _RAW_TYPES.get(value.dtype) if np.little_endian else None
+    if data_type is None:  # bfloat16 and anything unusual: onnx's own conversion
+        new = numpy_helper.from_array(value, tensor.name)
+        tensor.CopyFrom(new)
+        return
+    name = tensor.name
+    tensor.Clear()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()
 
 
 def _most_specific(forward: Refusal | None, backward: Refusal | None) -> Refusal:

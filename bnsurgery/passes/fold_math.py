@@ -7,6 +7,8 @@ affine to the op's output channels, backward folds to its input channels (DESIGN
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 try:  # ml_dtypes ships with onnx and gives bfloat16 a numpy dtype
@@ -38,7 +40,59 @@ def _scaled(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return _f64(w) * scale
 
 
-def cast_checked(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+_CHUNK = 1 << 16  # elements per block of a fused scale-and-cast: the float64 block stays in cache
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """float64(w) * scale, not computed yet (scale has w's rank, size 1 except along axis 0).
+
+    cast_checked computes it block by block straight into the stored dtype, so a large weight
+    never has a full float64 copy; the numbers are those of `compute()` cast, exactly.
+    """
+
+    w: np.ndarray
+    scale: np.ndarray
+
+    def compute(self) -> np.ndarray:
+        return _scaled(self.w, self.scale)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # array-like for any other caller
+        value = self.compute()
+        return value if dtype is None else value.astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+
+def _cast_scaled(value: Scaled, dtype: np.dtype) -> np.ndarray | None:
+    w = value.w
+    if w.ndim == 0 or w.dtype not in _NATIVE_FLOATS or dtype not in _NATIVE_FLOATS:
+        return cast_checked(value.compute(), dtype)
+    rows = w.shape[0]
+    w2 = w.reshape(rows, -1)
+    s2 = np.broadcast_to(value.scale.reshape(-1, 1), (rows, 1))
+    out = np.empty(w.shape, dtype)
+    o2 = out.reshape(rows, -1)
+    limit = dtype_max(dtype)
+    step = max(1, _CHUNK // max(1, w2.shape[1]))
+    for a in range(0, rows, step):
+        block = np.multiply(w2[a : a + step], s2[a : a + step], dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
+            o2[a : a + step] = block
+        cast = o2[a : a + step]
+        if cast.size == 0:
+            continue
+        lo, hi = float(np.min(cast)), float(np.max(cast))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return None
+        if (hi >= limit or lo <= -limit) and (np.abs(block) > limit).any():
+            return None
+    return out
+
+
+def cast_checked(value: np.ndarray | Scaled, dtype: np.dtype) -> np.ndarray | None:
     """Cast float64 results to the stored dtype; None if anything is non-finite or out of range.
 
     The checks run on the cast (min/max reductions, no temporaries): a NaN, an infinity or a
@@ -46,8 +100,10 @@ def cast_checked(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     dtype's max after the cast (it may have been rounded down onto it) is the float64 input
     tested exactly against the range.
     """
-    value = _f64(value)
     dtype = np.dtype(dtype)
+    if isinstance(value, Scaled):
+        return _cast_scaled(value, dtype)
+    value = _f64(value)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
         cast = value.astype(dtype)
     if cast.size == 0:
@@ -73,11 +129,15 @@ def _channel_shape(axis: int, ndim: int, n: int) -> tuple[int, ...]:
 
 def conv_forward(
     w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Conv W [M, C/g, k...]: W'[o] = W[o]*s[o], b'[o] = b[o]*s[o] + t[o]."""
-    w64 = _scaled(w, s.reshape(_channel_shape(0, w.ndim, s.size)))
+) -> tuple[Scaled, np.ndarray]:
+    """Conv W [M, C/g, k...]: W'[o] = W[o]*s[o], b'[o] = b[o]*s[o] + t[o].
+
+    W' comes back as a Scaled (array-like: np.asarray gives the float64 values), so that
+    cast_checked can scale and cast it block by block without a float64 copy of the weight.
+    """
+    scaled = Scaled(w, s.reshape(_channel_shape(0, w.ndim, s.size)))
     b64 = (_f64(b) if b is not None else np.zeros_like(s)) * s + t
-    return w64, b64
+    return scaled, b64
 
 
 def conv_transpose_forward(
