@@ -16,7 +16,7 @@ exact <= 2.5 on the larger sample model (resnet_small, 20 BNs in 17 waves).
 
     python bench/reestimate_speed.py   # docs/bench/reestimate_speed.json, and the table in
                                        # docs/reestimate.md (between marker comments)
-    python bench/reestimate_speed.py --smoke          # digits CNN, 2 rounds, writes nothing
+    python bench/reestimate_speed.py --smoke --out x.json   # digits CNN, 2 rounds, JSON only
 """
 
 from __future__ import annotations
@@ -193,19 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         splice(ROOT / "docs/reestimate.md", markdown(json.loads(args.out.read_text())), "## Speed")
         return 0
-    if args.smoke:
-        result = measure(ROOT / "sample_models/digits_cnn.onnx", 256, 64, 2)
-        print(json.dumps(result["ratio_to_forward"], indent=2))
-        return 0
-    results = {"command": "python bench/reestimate_speed.py", "environment": environment()}
-    results["runs"] = [
-        measure(args.model, args.samples, args.batch_size, args.rounds, int(t))
-        for t in args.threads.split(",")
-    ]
+    model = ROOT / "sample_models/digits_cnn.onnx" if args.smoke else args.model
+    samples, rounds = (256, 2) if args.smoke else (args.samples, args.rounds)
+    threads = [0] if args.smoke else [int(t) for t in args.threads.split(",")]
+    results = {
+        "smoke": args.smoke,
+        "command": "python bench/reestimate_speed.py" + (" --smoke" if args.smoke else ""),
+        "environment": environment(),
+        "models": [model.name],
+        "targets": TARGETS,
+    }
+    results["runs"] = [measure(model, samples, args.batch_size, rounds, t) for t in threads]
     results["environment_after"] = environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    block = markdown(results)
-    splice(ROOT / "docs/reestimate.md", block, "## Speed")
+    if not args.smoke:  # a smoke run never touches the docs
+        splice(ROOT / "docs/reestimate.md", markdown(results), "## Speed")
     for run in results["runs"]:
         print(run["intra_op_threads"], json.dumps(run["ratio_to_forward"]))
     return 0
