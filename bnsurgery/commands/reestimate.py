@@ -48,13 +48,18 @@ class ProgressBar:
         self.enabled = not quiet and sys.stderr.isatty()
         self.label = label
         self._bar: Any = None
+        self._total: int | None = None
 
     def __call__(self, advance: int, total: int | None) -> None:
         if not self.enabled or total is None:
             return
+        if self._bar is not None and total != self._total:  # the next phase (adapt)
+            self._bar.__exit__(None, None, None)
+            self._bar = None
         if self._bar is None:
             self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
             self._bar.__enter__()
+            self._total = total
         self._bar.update(advance)
 
     def __enter__(self) -> ProgressBar:
