@@ -266,6 +266,30 @@ def test_inf_appearing_downstream_names_that_bn(net, images):
         reestimate(model, {"x": images}, batch_size=16)
 
 
+@pytest.mark.parametrize(
+    "builder, reason",
+    [
+        ("params_graph_inputs", "not-constant"),
+        ("if_bn", "in-subgraph"),
+        ("function_bn", "in-function"),
+    ],
+)
+def test_bns_that_cannot_be_reestimated_are_named_with_a_reason(builder, reason):
+    with pytest.raises(BadInputError, match=f"all skipped: {reason}"):
+        reestimate(getattr(models, builder)(), "random:4")
+
+
+@pytest.mark.parametrize("builder", ["params_overridable", "params_from_constants"])
+def test_parameters_from_constants_or_overridable_inputs_are_rewritten(builder):
+    model = getattr(models, builder)()
+    result = reestimate(model, "random:6")
+    onnx.checker.check_model(result.model, full_check=True)
+    (bn,) = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    moments = result.report.stats.entries["bn"]
+    assert relative_error(inits[bn.input[4]], moments.var) < 1e-6
+
+
 def test_one_sample_is_refused(net, images):
     with pytest.raises(DataError, match="at least 2"):
         reestimate(net, {"x": images[:1]})
