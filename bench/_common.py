@@ -46,7 +46,8 @@ class _Builder:
         self.count = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)  # (ascontiguousarray would make a 0-d scalar 1-d)
+        self.inits.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         return name
 
     def conv(
@@ -319,15 +320,23 @@ def measure(argv: Sequence[str], *, env: dict[str, str] | None = None) -> dict[s
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {code}:\n{err[-3000:]}")
-    inner = None
+    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "inner": _json_of(out)}
+
+
+def _json_of(out: str) -> dict[str, Any] | None:
+    """The JSON document a child printed: all of stdout (--json), else its last JSON line."""
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        pass
     for line in reversed(out.strip().splitlines()):
         if line.startswith("{"):
             try:
-                inner = json.loads(line)
+                return json.loads(line)
             except json.JSONDecodeError:
                 continue
-            break
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "inner": inner}
+    return None
+
 
 
 def _drain(r_out: int, r_err: int) -> tuple[str, str]:
@@ -393,15 +402,15 @@ def machine() -> dict[str, Any]:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    versions = {}
-    for mod in ("onnx", "onnxruntime", "numpy", "onnxoptimizer", "onnxsim", "onnxscript", "torch"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # not installed in this environment
-            versions[mod] = None
-    import bnsurgery
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions["bnsurgery"] = bnsurgery.__version__
+    versions: dict[str, str | None] = {}
+    for dist in ("bnsurgery", "onnx", "onnxruntime", "numpy", "protobuf", "onnxoptimizer",
+                 "onnxsim", "onnxscript", "torch", "matplotlib"):  # fmt: skip
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:  # not installed in this environment
+            versions[dist] = None
     return {
         "cpu_model": cpu,
         "cores": os.cpu_count(),
