@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -94,14 +95,24 @@ def info(message: str) -> None:
     click.echo(message, err=True)
 
 
+GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose|-q|--quiet)$")
+
+
+def hoist_global_flags(args: list[str]) -> tuple[list[str], int]:
+    """Move -v/-q given after the command name to the front, where the group reads them, so
+    `bnsurgery fold m.onnx -q` works like `bnsurgery -q fold m.onnx`. Returns the verbosity."""
+    flags = [a for a in args if GLOBAL_FLAGS.match(a)]
+    rest = [a for a in args if not GLOBAL_FLAGS.match(a)]
+    verbose = sum(len(f) - 1 if f.startswith("-v") else 1 for f in flags if "q" not in f)
+    return flags + rest, verbose
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the documented exit code."""
     _register()
-    verbose = sum(a.count("v") for a in (argv or sys.argv[1:]) if a.startswith("-v")) + sum(
-        2 for a in (argv or sys.argv[1:]) if a == "--verbose"
-    )
+    args, verbose = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        result = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        result = cli.main(args=args, standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BnSurgeryError as exc:
         click.echo(f"bnsurgery: error: {exc}", err=True)
