@@ -338,7 +338,6 @@ def _json_of(out: str) -> dict[str, Any] | None:
     return None
 
 
-
 def _drain(r_out: int, r_err: int) -> tuple[str, str]:
     import selectors
 

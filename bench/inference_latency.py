@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     iters = {b: args.iters if b == 1 else args.iters_large for b in batches}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bnsurgery-latency-") as tmp:
-        models = [bench_model(m, batches, iters, args.threads, Path(tmp)) for m in args.models.split(",")]  # noqa: E501
+        models = [
+            bench_model(m, batches, iters, args.threads, Path(tmp)) for m in args.models.split(",")
+        ]
     payload = {
         "benchmark": "inference_latency",
         "smoke": args.smoke,

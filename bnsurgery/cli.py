@@ -13,12 +13,13 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
 from bnsurgery import __version__
-from bnsurgery.errors import EXIT_BAD_INPUT, BnSurgeryError
+from bnsurgery.errors import EXIT_BAD_INPUT, BnSurgeryError, UsageError
 
 # (module, attribute) of every command; each module defines one click command.
 COMMANDS: list[tuple[str, str]] = [
@@ -63,10 +64,43 @@ def _register() -> None:
         cli.add_command(getattr(importlib.import_module(module_name), attr))
 
 
+# -- options several commands share (each a plain click.option) ------------------------------
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout."
     )(func)
+
+
+def output_option(suffix: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """-o/--output, whose default is <stem>.SUFFIX.onnx beside MODEL."""
+    return click.option(
+        "-o", "--output", type=click.Path(path_type=Path), help=f"Default: <stem>.{suffix}.onnx"
+    )
+
+
+in_place_option = click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+shape_option = click.option(
+    "--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8."
+)
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64)."
+)
+provider_option = click.option(
+    "--provider", default="cpu", show_default=True, help="Execution provider alias."
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`2GB`, `512M`, `1.5GiB`, `1000000` to bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"--memory-budget '{text}': expected a size such as 2GB, 512MB or 0")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+# -- output ------------------------------------------------------------------------------------
 
 
 def emit(as_json: bool, payload: dict[str, Any], text: Callable[[], str]) -> None:
@@ -87,12 +121,71 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def save_and_emit(
+    as_json: bool,
+    model: Any,
+    target: Path,
+    payload: dict[str, Any],
+    text: Callable[[], str],
+    **extra: Any,
+) -> None:
+    """The tail of a command that writes a model: save MODEL to TARGET, add "output" (then
+    EXTRA) to the payload and print it; the text ends with `wrote OUT`."""
+    from bnsurgery.io import save_model
+
+    written = save_model(model, target)
+    payload["output"] = str(written)
+    payload.update(extra)
+    emit(as_json, payload, lambda: f"{text()}\nwrote {written}")
+
+
+def _quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    state = ctx.find_root().obj if ctx is not None else None
+    return isinstance(state, State) and state.quiet
+
+
 def info(message: str) -> None:
     """A progress or status line on stderr, unless --quiet."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and isinstance(ctx.find_root().obj, State) and ctx.find_root().obj.quiet:
-        return
-    click.echo(message, err=True)
+    if not _quiet():
+        click.echo(message, err=True)
+
+
+def data_notes(source_description: str | None) -> None:
+    """Say on stderr when the data a command ran on is synthetic (random:N)."""
+    if source_description and source_description.startswith("random:"):
+        info(f"note: DATA is synthetic ({source_description})")
+
+
+class ProgressBar:
+    """A click progress bar on stderr, only when stderr is a TTY and not --quiet; the engines
+    call it as progress(advance, total)."""
+
+    def __init__(self, label: str) -> None:
+        self.enabled = not _quiet() and sys.stderr.isatty()
+        self.label = label
+        self._bar: Any = None
+        self._total: int | None = None
+
+    def __call__(self, advance: int, total: int | None) -> None:
+        if not self.enabled or total is None:
+            return
+        if self._bar is not None and total != self._total:  # the next phase (adapt)
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+            self._total = total
+        self._bar.update(advance)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
 
 
 GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose|-q|--quiet)$")

@@ -304,8 +304,9 @@ def test_api_raises_bad_input_for_a_candidate_with_other_inputs():
 
 def test_scalar_inputs_have_no_batch_axis_and_are_shared_by_every_batch():
     # An If model's rank-0 bool condition: batching must not slice it (regression: IndexError).
-    import bnsurgery
     from models import if_bn
+
+    import bnsurgery
 
     model = if_bn()
     report = bnsurgery.compare(model, bnsurgery.fold(model).model, data="random:6")

@@ -194,6 +194,25 @@ class ValidationContext:
         if self.checker_error is not None:
             raise Skip("the model fails the ONNX checker")
 
+    def compare(self, candidate: Any, providers: Sequence[str], **options: Any) -> Any:
+        """The harness comparison (bnsurgery.harness.compare) of this model, the reference,
+        with CANDIDATE (None: itself on other providers) on this context's data.
+
+        Returns the CompareReport, or the exception when onnxruntime itself cannot load or run
+        a model (a kernel it lacks, a model it rejects), for the check to report; any other
+        error propagates (a bug on our side is reported as check-crashed, naming the check)."""
+        from bnsurgery.harness.compare import compare
+
+        try:
+            return compare(
+                self.model, candidate, providers=providers, data=self.data_source(),
+                shapes=self.shapes, seed=self.seed, show_progress=None, **options,
+            )  # fmt: skip
+        except Exception as exc:
+            if not is_onnxruntime_error(exc):
+                raise
+            return exc
+
     def data_source(self) -> Any:
         """DATA opened for this model. Without DATA: seeded random samples, 8 or the next
         multiple of a static batch dimension. DATA that does not fit raises DataError (exit 2);
@@ -244,3 +263,17 @@ def _is_bfloat16(value: np.ndarray) -> bool:
     from bnsurgery.passes.fold_math import _BF16
 
     return _BF16 is not None and value.dtype == _BF16
+
+
+def describe_mismatch(metrics: Any) -> str:
+    """How an output (harness ErrorMetrics) misses its tolerance, for a finding's message."""
+    text = (
+        f"max abs error {metrics.max_abs:.3g}, max rel error {metrics.max_rel:.3g} "
+        f"(atol {metrics.atol:g}, rtol {metrics.rtol:g}); {metrics.mismatched} of "
+        f"{metrics.count} elements beyond tolerance"
+    )
+    if metrics.top1_agreement is not None:
+        text += f"; top-1 agreement {metrics.top1_agreement:.1%}"
+    if metrics.note:
+        text += f"; {metrics.note}"
+    return text

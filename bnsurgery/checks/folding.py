@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from bnsurgery.checks import Finding, Skip, check
-from bnsurgery.checks.context import ValidationContext, is_onnxruntime_error
+from bnsurgery.checks.context import ValidationContext, describe_mismatch
 from bnsurgery.errors import BnSurgeryError
 from bnsurgery.graph import GraphIndex, iter_scopes
 from bnsurgery.passes import fold_math as fm
@@ -185,20 +185,10 @@ def fold_verification(ctx: ValidationContext) -> Iterator[Finding]:
     result = ctx.fold()
     if not result.modified:
         raise Skip("nothing to fold")
-    try:
-        from bnsurgery.harness.compare import compare
-
-        report = compare(
-            ctx.model, result.model, providers=("cpu",), data=ctx.data_source(),
-            shapes=ctx.shapes, seed=ctx.seed, show_progress=None,
-        )  # fmt: skip
-    except BnSurgeryError:
-        raise
-    except Exception as exc:
-        if not is_onnxruntime_error(exc):
-            raise  # a bug on our side: reported as check-crashed, naming this check
+    report = ctx.compare(result.model, providers=("cpu",))
+    if isinstance(report, Exception):
         # onnxruntime cannot load it (fp64 Conv, bf16): verify on onnx.reference instead
-        yield from _verify_with_reference(ctx, result.model, exc)
+        yield from _verify_with_reference(ctx, result.model, report)
         return
     outputs = [m for pair in report.pairs for m in pair.outputs]
     ctx.details["fold-verification"] = {
@@ -210,7 +200,7 @@ def fold_verification(ctx: ValidationContext) -> Iterator[Finding]:
         if not metrics.passed:
             yield fold_verification.finding(
                 f"the folded model's output '{metrics.name}' differs from the original: "
-                f"{_beyond(metrics)}",
+                f"{describe_mismatch(metrics)}",
                 details={"output": metrics.to_dict()},
             )
 
@@ -235,16 +225,3 @@ def _verify_with_reference(
                 f"rtol {errors.get('rtol')}; {'; '.join(outcome['engines'])})",
                 details={"output": name, **errors},
             )
-
-
-def _beyond(metrics: Any) -> str:
-    text = (
-        f"max abs error {metrics.max_abs:.3g}, max rel error {metrics.max_rel:.3g} "
-        f"(atol {metrics.atol:g}, rtol {metrics.rtol:g}); {metrics.mismatched} of "
-        f"{metrics.count} elements beyond tolerance"
-    )
-    if metrics.top1_agreement is not None:
-        text += f"; top-1 agreement {metrics.top1_agreement:.1%}"
-    if metrics.note:
-        text += f"; {metrics.note}"
-    return text

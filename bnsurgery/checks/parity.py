@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from bnsurgery.checks import Finding, Skip, check
-from bnsurgery.checks.context import ValidationContext, is_onnxruntime_error
-from bnsurgery.checks.folding import _beyond
-from bnsurgery.errors import BnSurgeryError
+from bnsurgery.checks.context import ValidationContext, describe_mismatch
 from bnsurgery.harness.providers import OPT_LEVELS
 
 
@@ -30,21 +28,12 @@ def provider_parity(ctx: ValidationContext) -> Iterator[Finding]:
     requested = list(ctx.providers)
     if requested == ["cpu"] and ctx.parity_opt_level == "disable_all":
         raise Skip("only the CPU reference itself was asked for")
-    from bnsurgery.harness.compare import compare
-
     providers = ["cpu", *[p for p in requested if p != "cpu"]]
-    try:
-        report = compare(
-            ctx.model, None, providers=providers, data=ctx.data_source(),
-            opt_level=ctx.parity_opt_level, reference_opt_level="disable_all",
-            shapes=ctx.shapes, seed=ctx.seed, show_progress=None,
-        )  # fmt: skip
-    except BnSurgeryError:
-        raise
-    except Exception as exc:
-        if not is_onnxruntime_error(exc):
-            raise  # a bug on our side: reported as check-crashed, naming this check
-        # onnxruntime cannot load or run the model
+    report = ctx.compare(
+        None, providers, opt_level=ctx.parity_opt_level, reference_opt_level="disable_all"
+    )
+    if isinstance(report, Exception):  # onnxruntime cannot load or run the model
+        exc = report
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         yield provider_parity.finding(
             f"the model does not run on onnxruntime ({', '.join(providers)}): "
@@ -72,6 +61,6 @@ def provider_parity(ctx: ValidationContext) -> Iterator[Finding]:
             if not metrics.passed:
                 yield provider_parity.finding(
                     f"{pair.session.describe()} at {level} differs from the CPU reference "
-                    f"(ORT_DISABLE_ALL) on output '{metrics.name}': {_beyond(metrics)}",
+                    f"(ORT_DISABLE_ALL) on output '{metrics.name}': {describe_mismatch(metrics)}",
                     details={"provider": pair.provider, "output": metrics.to_dict()},
                 )

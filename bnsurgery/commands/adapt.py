@@ -7,11 +7,21 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli import emit, json_option
+from bnsurgery.cli import (
+    ProgressBar,
+    batch_size_option,
+    data_notes,
+    json_option,
+    output_option,
+    parse_size,
+    provider_option,
+    save_and_emit,
+    shape_option,
+)
 from bnsurgery.commands.insert import render_insert
-from bnsurgery.commands.reestimate import ProgressBar, data_notes, parse_size, render_reestimate
+from bnsurgery.commands.reestimate import render_reestimate
 from bnsurgery.data import parse_shape_overrides
-from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.reestimate import MODES
 
 EXAMPLE = """\b
@@ -45,9 +55,7 @@ def render_adapt(payload: dict[str, Any]) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "target_data", required=True, help="DATA of the new distribution.")
 @click.option("--source", help="DATA of the training distribution (needed when MODEL has no BN).")
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.adapted.onnx"
-)
+@output_option("adapted")
 @click.option(
     "--fold/--no-fold",
     default=True,
@@ -57,14 +65,14 @@ def render_adapt(payload: dict[str, Any]) -> str:
 @click.option("--mode", type=click.Choice(MODES), default="exact", show_default=True)
 @click.option("--prior", type=click.FloatRange(min=0), help="Blend with the source statistics.")
 @click.option("--samples", type=click.IntRange(min=1), help="At most N samples of each DATA.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@batch_size_option
 @click.option(
     "--after", help="Op types to insert BNs after (default Conv,ConvTranspose,Gemm,MatMul)."
 )
 @click.option("--nodes", help="Regex: nodes to insert after (no BN) or BNs to re-estimate.")
 @click.option("--memory-budget", default="2GB", show_default=True, help="Exact-mode cache size.")
-@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
-@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@shape_option
+@provider_option
 @json_option
 def adapt_command(
     model: Path,
@@ -111,6 +119,4 @@ def adapt_command(
         )
     payload = result.report.to_dict()
     data_notes(payload["reestimate"]["data"])
-    written = save_model(result.model, out)
-    payload["output"] = str(written)
-    emit(as_json, payload, lambda: render_adapt(payload) + f"\nwrote {written}")
+    save_and_emit(as_json, result.model, out, payload, lambda: render_adapt(payload))

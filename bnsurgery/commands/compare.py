@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli import State, emit, info, json_option
+from bnsurgery.cli import State, batch_size_option, emit, info, json_option, shape_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.harness.providers import CUDNN_CONV_ALGO_SEARCH, OPT_LEVELS
@@ -35,8 +35,8 @@ Example:
     "(default random:8, seed 0).",
 )
 @click.option("--labels", "labels_key", help="Labels key in DATA (default: 'label' if present).")
-@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@shape_option
+@batch_size_option
 @click.option(
     "--atol",
     multiple=True,

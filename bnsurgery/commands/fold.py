@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli import emit, json_option
+from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.io import is_lazy, load_model, materialize, resolve_output_path, save_model
@@ -68,8 +68,8 @@ def _payload(report: FoldReport, seconds: float, output: Path | None) -> dict:
 
 @click.command("fold")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.folded.onnx")
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@output_option("folded")
+@in_place_option
 @click.option("--no-backward", is_flag=True, help="Only fold BN into the op before it.")
 @click.option("--no-affine", is_flag=True, help="Leave per-channel constant Mul/Add/Sub/Div.")
 @click.option(

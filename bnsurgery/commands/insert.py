@@ -7,10 +7,20 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli import emit, json_option
-from bnsurgery.commands.reestimate import ProgressBar, data_notes
+from bnsurgery.cli import (
+    ProgressBar,
+    batch_size_option,
+    data_notes,
+    in_place_option,
+    json_option,
+    output_option,
+    provider_option,
+    save_and_emit,
+    shape_option,
+)
 from bnsurgery.data import parse_shape_overrides
-from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.harness.report import text_table
+from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.insert import DEFAULT_AFTER
 
 EXAMPLE = """\b
@@ -24,12 +34,7 @@ def render_insert(payload: dict[str, Any]) -> str:
     rows = [("after node", "op", "BN", "channels", "dtype")]
     for e in payload["inserted"]:
         rows.append((e["after"], e["op"], e["bn"], str(e["channels"]), e["dtype"]))
-    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(5)]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = text_table(rows, max_width=48)
     for s in payload["skipped"]:
         lines.append(f"skipped {s['node']} ({s['op']}): {s['reason']}")
     cal = payload.get("calibration")
@@ -46,10 +51,8 @@ def render_insert(payload: dict[str, Any]) -> str:
 
 @click.command("insert", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.inserted.onnx"
-)
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@output_option("inserted")
+@in_place_option
 @click.option(
     "--after",
     default=",".join(DEFAULT_AFTER),
@@ -76,9 +79,9 @@ def render_insert(payload: dict[str, Any]) -> str:
     help="Also insert after nodes that produce a graph output (the classifier, usually).",
 )
 @click.option("--samples", type=click.IntRange(min=1), help="Calibrate on at most N samples.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
-@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
-@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@batch_size_option
+@shape_option
+@provider_option
 @json_option
 def insert_command(
     model: Path,
@@ -122,6 +125,4 @@ def insert_command(
     payload = result.report.to_dict()
     if payload.get("calibration"):
         data_notes(payload["calibration"]["data"])
-    written = save_model(result.model, target)
-    payload["output"] = str(written)
-    emit(as_json, payload, lambda: render_insert(payload) + f"\nwrote {written}")
+    save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))

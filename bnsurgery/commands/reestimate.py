@@ -1,22 +1,31 @@
 """`bnsurgery reestimate`: recompute BatchNormalization statistics on new data (AdaBN).
 
-Also home of the helpers the insert / adapt / merge-stats commands share: the stderr progress
-bar, the --memory-budget size parser and the per-BN statistics table.
+Its text rendering (the per-BN statistics table) is also `bnsurgery adapt`'s.
 """
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bnsurgery.cli import State, emit, info, json_option
+from bnsurgery.cli import (
+    ProgressBar,
+    batch_size_option,
+    data_notes,
+    in_place_option,
+    json_option,
+    output_option,
+    parse_size,
+    provider_option,
+    save_and_emit,
+    shape_option,
+)
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.io import load_model, resolve_output_path, save_model
+from bnsurgery.harness.report import text_table
+from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MODES
 
 EXAMPLE = """\b
@@ -24,51 +33,6 @@ Example:
   bnsurgery reestimate sample_models/digits_cnn.onnx --data sample_models/digits_test.npz \\
       -o digits_adapted.onnx --prior 16
 """
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """`2GB`, `512M`, `1.5GiB`, `1000000` to bytes (K/M/G/T are powers of 1024)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"--memory-budget '{text}': expected a size such as 2GB, 512MB or 0")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
-
-
-class ProgressBar:
-    """A click progress bar on stderr, only when stderr is a TTY and not --quiet; the engines
-    call it as progress(advance, total)."""
-
-    def __init__(self, label: str) -> None:
-        ctx = click.get_current_context(silent=True)
-        state = ctx.find_root().obj if ctx is not None else None
-        quiet = isinstance(state, State) and state.quiet
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.label = label
-        self._bar: Any = None
-        self._total: int | None = None
-
-    def __call__(self, advance: int, total: int | None) -> None:
-        if not self.enabled or total is None:
-            return
-        if self._bar is not None and total != self._total:  # the next phase (adapt)
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self._bar.__enter__()
-            self._total = total
-        self._bar.update(advance)
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-            self._bar = None
 
 
 def _g(value: float) -> str:
@@ -88,13 +52,7 @@ def render_bns(bns: list[dict[str, Any]]) -> str:
                 f"{_g(b['var']['min_ratio'])}..{_g(b['var']['max_ratio'])}",
             )
         )
-    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows, max_width=48))
 
 
 def render_reestimate(payload: dict[str, Any]) -> str:
@@ -118,11 +76,6 @@ def render_reestimate(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def data_notes(source_description: str | None) -> None:
-    if source_description and source_description.startswith("random:"):
-        info(f"note: DATA is synthetic ({source_description})")
-
-
 @click.command("reestimate", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", help="DATA to measure on: file.npz, file.npy, folder, script.py, random:N.")
@@ -132,10 +85,8 @@ def data_notes(source_description: str | None) -> None:
     type=click.Path(path_type=Path),
     help="Apply saved statistics (from --save-stats or merge-stats) instead of measuring.",
 )
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.reestimated.onnx"
-)
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@output_option("reestimated")
+@in_place_option
 @click.option(
     "--mode",
     type=click.Choice(MODES),
@@ -145,7 +96,7 @@ def data_notes(source_description: str | None) -> None:
     "batch: one pass, every BN normalising with its batch statistics (like torch's update_bn).",
 )
 @click.option("--samples", type=click.IntRange(min=1), help="Use at most N samples of DATA.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64).")
+@batch_size_option
 @click.option(
     "--prior",
     type=click.FloatRange(min=0),
@@ -163,8 +114,8 @@ def data_notes(source_description: str | None) -> None:
     type=click.Path(path_type=Path),
     help="Also write the measured statistics (.npz) for merge-stats.",
 )
-@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
-@click.option("--provider", default="cpu", show_default=True, help="Execution provider alias.")
+@shape_option
+@provider_option
 @json_option
 def reestimate_command(
     model: Path,
@@ -216,16 +167,15 @@ def reestimate_command(
     data_notes(report.data)  # type: ignore[attr-defined]
     if save_stats is not None:
         report.stats.save(save_stats)  # type: ignore[attr-defined]
-    written = save_model(result.model, target)
     payload = report.to_dict()
-    payload["output"] = str(written)
-    payload["saved_stats"] = str(save_stats) if save_stats is not None else None
-    emit(
+    save_and_emit(
         as_json,
+        result.model,
+        target,
         payload,
         lambda: (
             render_reestimate(payload)
             + (f"\nsaved statistics to {save_stats}" if save_stats else "")
-            + f"\nwrote {written}"
         ),
+        saved_stats=str(save_stats) if save_stats is not None else None,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli import emit, json_option
+from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.errors import CheckFailed
 from bnsurgery.io import resolve_output_path, save_model
 from bnsurgery.passes import PipelineReport
@@ -51,10 +51,8 @@ def render_text(spec: PipelineSpec, report: PipelineReport, output: Path | None)
 @click.command("run")
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Default: <stem>.pipeline.onnx"
-)
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
+@output_option("pipeline")
+@in_place_option
 @click.option("--external-data", is_flag=True, help="Save weights to <OUT>.data beside OUT.")
 @json_option
 def run_command(

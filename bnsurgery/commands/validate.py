@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli import State, emit, json_option
+from bnsurgery.cli import State, emit, json_option, shape_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.validate import FAIL_ON, ValidationReport, validate
 
@@ -67,7 +67,7 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
 @click.option(
     "--skip", "skip", multiple=True, metavar="CHECK", help="Leave a check out (repeatable)."
 )
-@click.option("--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8.")
+@shape_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random data.")
 @click.option("--no-plugins", is_flag=True, help="Run only the built-in checks.")
 @json_option

@@ -14,7 +14,7 @@ Data streams: one batch is held at a time, and metrics accumulate across batches
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,15 +205,7 @@ def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> 
 
     ref_in = {s.name: s for s in input_specs(reference)}
     cand_in = {s.name: s for s in input_specs(candidate)}
-    if set(ref_in) != set(cand_in):
-        only_ref = sorted(set(ref_in) - set(cand_in))
-        only_cand = sorted(set(cand_in) - set(ref_in))
-        raise BadInputError(
-            "the models have different inputs: "
-            + _only(only_ref, "only the reference has")
-            + ("; " if only_ref and only_cand else "")
-            + _only(only_cand, "only the candidate has")
-        )
+    _require_same_names(ref_in, cand_in, "inputs")
     for name, spec in ref_in.items():
         other = cand_in[name]
         same_dtype = spec.dtype is None or other.dtype is None or spec.dtype == other.dtype
@@ -229,15 +221,21 @@ def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> 
             )
     ref_out = [o.name for o in reference.graph.output]
     cand_out = [o.name for o in candidate.graph.output]
-    if set(ref_out) != set(cand_out):
-        only_ref = sorted(set(ref_out) - set(cand_out))
-        only_cand = sorted(set(cand_out) - set(ref_out))
-        raise BadInputError(
-            "the models have different outputs: "
-            + _only(only_ref, "only the reference has")
-            + ("; " if only_ref and only_cand else "")
-            + _only(only_cand, "only the candidate has")
-        )
+    _require_same_names(ref_out, cand_out, "outputs")
+
+
+def _require_same_names(reference: Iterable[str], candidate: Iterable[str], what: str) -> None:
+    """Exit 2 naming what only one model has, unless both have the same set of names."""
+    ref, cand = set(reference), set(candidate)
+    if ref == cand:
+        return
+    only_ref, only_cand = sorted(ref - cand), sorted(cand - ref)
+    raise BadInputError(
+        f"the models have different {what}: "
+        + _only(only_ref, "only the reference has")
+        + ("; " if only_ref and only_cand else "")
+        + _only(only_cand, "only the candidate has")
+    )
 
 
 def _only(names: list[str], what: str) -> str:

@@ -13,6 +13,7 @@ import html
 import io
 import math
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,8 +43,14 @@ def _cos(value: float | None) -> str:
     return "-" if value is None else f"{value:.9f}"
 
 
-def _table(rows: list[list[str]], indent: str = "") -> list[str]:
+def text_table(
+    rows: Sequence[Sequence[str]], indent: str = "", max_width: int | None = None
+) -> list[str]:
+    """A plain text table, one line per row: the first row is the header, underlined with
+    dashes; each column is as wide as its widest cell, or max_width when that is smaller."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if max_width is not None:
+        widths = [min(w, max_width) for w in widths]
     out = []
     for n, row in enumerate(rows):
         out.append(
@@ -56,6 +63,20 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
 
 def _nonfinite(m: ErrorMetrics) -> str:
     return f"{m.reference_nan + m.reference_inf} / {m.candidate_nan + m.candidate_inf}"
+
+
+def _error_cells(m: ErrorMetrics) -> list[str]:
+    """The error columns the text and HTML output tables share: max abs, max rel, mean abs,
+    cosine, top-1, top-5, accuracy reference/candidate."""
+    return [
+        _g(m.max_abs),
+        _g(m.max_rel),
+        _g(m.mean_abs),
+        _cos(m.cosine),
+        _pct(m.top1_agreement),
+        _pct(m.top5_agreement),
+        _accuracy(m),
+    ]
 
 
 def _accuracy(m: ErrorMetrics) -> str:
@@ -147,20 +168,14 @@ def render_text(report: CompareReport) -> str:
                         pair.session.describe(),
                         pair.session.opt_level.replace("ORT_", "").lower(),
                         m.name,
-                        _g(m.max_abs),
-                        _g(m.max_rel),
-                        _g(m.mean_abs),
-                        _cos(m.cosine),
-                        _pct(m.top1_agreement),
-                        _pct(m.top5_agreement),
-                        _accuracy(m),
+                        *_error_cells(m),
                         _g(m.min_atol),
                         _g(m.atol),
                         _g(m.rtol),
                         "ok" if m.passed else "FAIL",
                     ]
                 )
-        lines += _table(rows)
+        lines += text_table(rows)
         for pair in report.pairs:
             for m in pair.outputs:
                 if m.note:
@@ -229,7 +244,7 @@ def _stability_text(report: CompareReport) -> list[str]:
                     _pct(p.accuracy),
                 ]
             )
-        lines += _table(rows, "  ")
+        lines += text_table(rows, "  ")
     for d in st.determinism:
         verdict = (
             "bitwise equal"
@@ -489,13 +504,7 @@ def render_html(report: CompareReport) -> str:
                         p.model,
                         p.session.describe(),
                         m.name,
-                        _g(m.max_abs),
-                        _g(m.max_rel),
-                        _g(m.mean_abs),
-                        _cos(m.cosine),
-                        _pct(m.top1_agreement),
-                        _pct(m.top5_agreement),
-                        _accuracy(m),
+                        *_error_cells(m),
                         _nonfinite(m),
                         _g(m.min_atol),
                         _g(m.min_rtol),

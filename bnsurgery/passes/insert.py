@@ -22,7 +22,6 @@ graph output (usually the classifier) is skipped unless `include_outputs` is set
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from bnsurgery.passes.reestimate import (
     Runner,
     add_initializer,
     check_samples,
+    compile_nodes,
     find_batchnorms,
     measure_waves,
     open_data,
@@ -122,7 +122,7 @@ class InsertPass:
             raise UsageError(f"epsilon must be > 0, got {epsilon}")
         self.after = parse_after(after)
         self.nodes = nodes
-        self.pattern = _compile(nodes)
+        self.pattern = compile_nodes(nodes)
         self.epsilon = float(epsilon)
         self.include_outputs = include_outputs
 
@@ -258,17 +258,6 @@ class InsertPass:
                 ordered.append(bn)
         del graph.node[:]
         graph.node.extend(ordered)
-
-
-def _compile(nodes: str | None) -> re.Pattern[str] | None:
-    if nodes is None:
-        return None
-    try:
-        return re.compile(nodes)
-    except re.error as exc:
-        raise BadInputError(
-            f"--nodes '{nodes}' is not a valid regular expression ({exc})"
-        ) from None
 
 
 def _inferred(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int | None, ...] | None]]:

@@ -103,7 +103,7 @@ def find_batchnorms(
     Raises BadInputError when the model has no BN, when `nodes` matches none, or when a BN is
     in training mode.
     """
-    pattern = _compile(nodes)
+    pattern = compile_nodes(nodes)
     scopes = list(iter_scopes(model))
     main = scopes[0]
     counts: dict[str, int] = {}
@@ -152,7 +152,8 @@ def find_batchnorms(
     return targets, skipped
 
 
-def _compile(nodes: str | None) -> re.Pattern[str] | None:
+def compile_nodes(nodes: str | None) -> re.Pattern[str] | None:
+    """The --nodes regular expression, compiled (None: every node); a bad one is exit 2."""
     if nodes is None:
         return None
     try:
