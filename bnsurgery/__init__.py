@@ -58,7 +58,10 @@ def fold(
     """
     from bnsurgery.passes.fold import FoldPass
 
-    result = FoldPass(backward=backward, affine=affine)(load_model(model))
+    loaded = load_model(model)
+    # A model we loaded ourselves (path, bytes, onnx-ir) is ours to rewrite: no deep copy.
+    owned = loaded is not model
+    result = FoldPass(backward=backward, affine=affine, in_place=owned)(loaded)
     if verify:
         from bnsurgery.verify import verify_fold
 

@@ -21,19 +21,21 @@ import click
 from bnsurgery import __version__
 from bnsurgery.errors import EXIT_BAD_INPUT, BnSurgeryError, UsageError
 
-# (module, attribute) of every command; each module defines one click command.
-COMMANDS: list[tuple[str, str]] = [
-    ("bnsurgery.commands.fold", "fold_command"),
-    ("bnsurgery.commands.fold", "info_command"),
-    ("bnsurgery.commands.compare", "compare_command"),
-    ("bnsurgery.commands.insert", "insert_command"),
-    ("bnsurgery.commands.reestimate", "reestimate_command"),
-    ("bnsurgery.commands.merge_stats", "merge_stats_command"),
-    ("bnsurgery.commands.adapt", "adapt_command"),
-    ("bnsurgery.commands.validate", "validate_command"),
-    ("bnsurgery.commands.run", "run_command"),
-    ("bnsurgery.commands.plugins", "plugins_command"),
-]
+# name -> (module, attribute) of every command; each module defines one click command. They
+# are imported only when used, so `bnsurgery fold` does not pay for the harness and validate.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fold": ("bnsurgery.commands.fold", "fold_command"),
+    "info": ("bnsurgery.commands.fold", "info_command"),
+    "compare": ("bnsurgery.commands.compare", "compare_command"),
+    "insert": ("bnsurgery.commands.insert", "insert_command"),
+    "reestimate": ("bnsurgery.commands.reestimate", "reestimate_command"),
+    "merge-stats": ("bnsurgery.commands.merge_stats", "merge_stats_command"),
+    "adapt": ("bnsurgery.commands.adapt", "adapt_command"),
+    "validate": ("bnsurgery.commands.validate", "validate_command"),
+    "run": ("bnsurgery.commands.run", "run_command"),
+    "plugins": ("bnsurgery.commands.plugins", "plugins_command"),
+}
+
 
 log = logging.getLogger("bnsurgery")
 
@@ -46,7 +48,24 @@ class State:
         self.quiet = quiet
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group whose commands are imported from COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[cmd_name]
+        command: click.Command = getattr(importlib.import_module(module_name), attr)
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="bnsurgery")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
@@ -57,11 +76,6 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else (
         logging.INFO if verbose else logging.WARNING))  # fmt: skip
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-
-
-def _register() -> None:
-    for module_name, attr in COMMANDS:
-        cli.add_command(getattr(importlib.import_module(module_name), attr))
 
 
 # -- options several commands share (each a plain click.option) ------------------------------
@@ -202,7 +216,6 @@ def hoist_global_flags(args: list[str]) -> tuple[list[str], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the documented exit code."""
-    _register()
     args, verbose = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
         result = cli.main(args=args, standalone_mode=False)

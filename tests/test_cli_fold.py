@@ -451,3 +451,20 @@ def test_process_overflow_prints_no_numpy_warning(write_model) -> None:
     """stderr carries bnsurgery's own lines only, not a RuntimeWarning from a float cast."""
     proc = run_process("fold", write_model(m.fp16_overflow("weight")), "--no-verify", "--json")
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_fold_command_does_not_import_the_other_commands(write_model, tmp_path) -> None:
+    """Commands load on first use: `fold` pays neither for the harness nor for validate's checks
+    (start-up time is part of what users wait for on every fold)."""
+    code = (
+        "import sys\n"
+        "from bnsurgery.cli import main\n"
+        f"code = main(['fold', {str(write_model(m.conv_bn()))!r}, '--no-verify', '--json'])\n"
+        "loaded = [n for n in ('bnsurgery.harness.compare', 'bnsurgery.commands.reestimate',\n"
+        "          'bnsurgery.checks.folding', 'bnsurgery.passes.insert') if n in sys.modules]\n"
+        "print('LOADED', code, loaded)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert "LOADED 0 []" in proc.stdout, proc.stdout + proc.stderr
