@@ -12,6 +12,7 @@ from bnsurgery.cli import (
     batch_size_option,
     data_notes,
     json_option,
+    measure_opt_level_option,
     output_option,
     parse_size,
     provider_option,
@@ -73,6 +74,7 @@ def render_adapt(payload: dict[str, Any]) -> str:
 @click.option("--memory-budget", default="2GB", show_default=True, help="Exact-mode cache size.")
 @shape_option
 @provider_option
+@measure_opt_level_option
 @json_option
 def adapt_command(
     model: Path,
@@ -89,6 +91,7 @@ def adapt_command(
     memory_budget: str,
     shapes: tuple[str, ...],
     provider: str,
+    opt_level: str,
     as_json: bool,
 ) -> None:
     """Adapt MODEL to TARGET's input distribution by re-estimating its BN statistics.
@@ -115,6 +118,7 @@ def adapt_command(
             memory_budget=parse_size(memory_budget),
             shapes=parse_shape_overrides(shapes),
             provider=provider,
+            opt_level=opt_level,
             progress=bar,
         )
     payload = result.report.to_dict()

@@ -13,6 +13,7 @@ from bnsurgery.cli import (
     data_notes,
     in_place_option,
     json_option,
+    measure_opt_level_option,
     output_option,
     provider_option,
     save_and_emit,
@@ -82,6 +83,7 @@ def render_insert(payload: dict[str, Any]) -> str:
 @batch_size_option
 @shape_option
 @provider_option
+@measure_opt_level_option
 @json_option
 def insert_command(
     model: Path,
@@ -96,6 +98,7 @@ def insert_command(
     batch_size: int | None,
     shapes: tuple[str, ...],
     provider: str,
+    opt_level: str,
     as_json: bool,
 ) -> None:
     """Insert a BatchNormalization after each selected node not already followed by one.
@@ -120,6 +123,7 @@ def insert_command(
             batch_size=batch_size,
             shapes=parse_shape_overrides(shapes),
             provider=provider,
+            opt_level=opt_level,
             progress=bar,
         )
     payload = result.report.to_dict()

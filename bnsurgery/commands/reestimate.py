@@ -16,6 +16,7 @@ from bnsurgery.cli import (
     data_notes,
     in_place_option,
     json_option,
+    measure_opt_level_option,
     output_option,
     parse_size,
     provider_option,
@@ -116,6 +117,7 @@ def render_reestimate(payload: dict[str, Any]) -> str:
 )
 @shape_option
 @provider_option
+@measure_opt_level_option
 @json_option
 def reestimate_command(
     model: Path,
@@ -132,6 +134,7 @@ def reestimate_command(
     save_stats: Path | None,
     shapes: tuple[str, ...],
     provider: str,
+    opt_level: str,
     as_json: bool,
 ) -> None:
     """Re-estimate the BatchNormalization statistics of MODEL on DATA.
@@ -161,6 +164,7 @@ def reestimate_command(
             stats=stats_path,
             shapes=parse_shape_overrides(shapes),
             provider=provider,
+            opt_level=opt_level,
             progress=bar,
         )(original)
     report = result.report

@@ -21,7 +21,7 @@ import onnx
 
 from bnsurgery.errors import UsageError
 from bnsurgery.passes import PassResult
-from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET
+from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MEASURE_OPT_LEVEL
 
 
 @dataclass
@@ -74,6 +74,7 @@ def adapt(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     shapes: Mapping[str, list[int]] | None = None,
     provider: str = "cpu",
+    opt_level: str = MEASURE_OPT_LEVEL,
     progress: Any = None,
 ) -> PassResult:
     """Adapt `model` to TARGET's input distribution by re-estimating BN statistics.
@@ -105,6 +106,7 @@ def adapt(
             batch_size=batch_size,
             shapes=shapes,
             provider=provider,
+            opt_level=opt_level,
             progress=progress,
         )
         report.inserted = inserted.report
@@ -129,6 +131,7 @@ def adapt(
         memory_budget=memory_budget,
         shapes=shapes,
         provider=provider,
+        opt_level=opt_level,
         progress=progress,
     )(work)
     report.reestimate = result.report

@@ -36,6 +36,7 @@ from bnsurgery.errors import BadInputError, UsageError
 from bnsurgery.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassResult, register
 from bnsurgery.passes.reestimate import (
+    MEASURE_OPT_LEVEL,
     BnChange,
     ParamWriter,
     ReestimateReport,
@@ -337,7 +338,7 @@ def calibrate_inserted(
     batch_size: int | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     provider: str = "cpu",
-    opt_level: str = "disable_all",
+    opt_level: str = MEASURE_OPT_LEVEL,
     progress: Any = None,
 ) -> Any:
     """Set each named BN to the identity on DATA's distribution (in place); its report.
@@ -409,6 +410,7 @@ def insert(
     batch_size: int | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     provider: str = "cpu",
+    opt_level: str = MEASURE_OPT_LEVEL,
     progress: Any = None,
 ) -> PassResult:
     """Insert BNs (identity), then calibrate them on `calibrate` DATA when given."""
@@ -424,6 +426,7 @@ def insert(
             batch_size=batch_size,
             shapes=shapes,
             provider=provider,
+            opt_level=opt_level,
             progress=progress,
         )
     report.seconds = time.perf_counter() - start
