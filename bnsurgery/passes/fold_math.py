@@ -78,17 +78,19 @@ def _cast_scaled(value: Scaled, dtype: np.dtype) -> np.ndarray | None:
     limit = dtype_max(dtype)
     step = max(1, _CHUNK // max(1, w2.shape[1]))
     for a in range(0, rows, step):
-        block = np.multiply(w2[a : a + step], s2[a : a + step], dtype=np.float64)
+        w_rows, s_rows, cast = w2[a : a + step], s2[a : a + step], o2[a : a + step]
+        # One ufunc pass: the product in float64 (the loop's dtype), rounded once into the
+        # stored dtype as it is written; no float64 block is materialised.
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
-            o2[a : a + step] = block
-        cast = o2[a : a + step]
+            np.multiply(w_rows, s_rows, out=cast, dtype=np.float64, casting="unsafe")
         if cast.size == 0:
             continue
         lo, hi = float(np.min(cast)), float(np.max(cast))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             return None
-        if (hi >= limit or lo <= -limit) and (np.abs(block) > limit).any():
-            return None
+        if hi >= limit or lo <= -limit:  # rare: test the float64 values exactly
+            if (np.abs(np.multiply(w_rows, s_rows, dtype=np.float64)) > limit).any():
+                return None
     return out
 
 
