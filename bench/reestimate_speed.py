@@ -3,6 +3,7 @@
 The anchor is what a user would otherwise run: create an InferenceSession for the model and run
 it once over every batch (CPU, ORT's default graph optimisation level ENABLE_ALL, which is
 also the level re-estimation runs at; the same intra-op thread count: ORT's default, then 1).
+The same pass at ORT_DISABLE_ALL is timed too, as a second reference.
 Against it, in the same process and interleaved round by round:
 
 - `reestimate(model, data, mode="exact")`: waves over cached stage sub-models;
@@ -43,10 +44,12 @@ from bnsurgery.passes.reestimate import reestimate  # noqa: E402
 TARGETS = {"batch": 1.25, "exact": 2.5}
 
 
-def forward(model_bytes: bytes, x: np.ndarray, batch: int, threads: int) -> float:
+def forward(
+    model_bytes: bytes, x: np.ndarray, batch: int, threads: int, level: str = "ENABLE_ALL"
+) -> float:
     start = time.perf_counter()
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level}")
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model_bytes, options, ["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -68,6 +71,7 @@ def measure(model_path: Path, samples: int, batch: int, rounds: int, threads: in
     x = np.random.default_rng(0).standard_normal([samples, *dims[1:]]).astype(np.float32)
     runs = {
         "forward": lambda: (forward(payload, x, batch, threads), None),
+        "forward, unoptimised": lambda: (forward(payload, x, batch, threads, "DISABLE_ALL"), None),
         "exact": lambda: timed(model, x, batch, mode="exact", threads=threads),
         "batch": lambda: timed(model, x, batch, mode="batch", threads=threads),
         "exact, no cache": lambda: timed(
@@ -124,15 +128,16 @@ def markdown(results: dict) -> str:
         "and the level re-estimation runs at) and runs the plain model once over the same "
         "batches.",
         "",
-        "| intra-op threads | forward (s) | exact | batch | exact, no cache | passes (exact) "
-        "| forward equivalents (exact) |",
-        "|---|---|---|---|---|---|---|",
+        "| intra-op threads | forward (s) | forward, unoptimised | exact | batch "
+        "| exact, no cache | passes (exact) | forward equivalents (exact) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         r = run["ratio_to_forward"]
         lines.append(
             f"| {run['intra_op_threads']} | {run['median_seconds']['forward']:.3f} "
-            f"| {r['exact']:.2f}x | {r['batch']:.2f}x | {r['exact, no cache']:.2f}x "
+            f"| {r['forward, unoptimised']:.2f}x | {r['exact']:.2f}x | {r['batch']:.2f}x "
+            f"| {r['exact, no cache']:.2f}x "
             f"| {run['passes']['exact']} | {run['forward_equivalents']['exact']} |"
         )
     verdicts = []
