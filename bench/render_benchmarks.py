@@ -84,7 +84,7 @@ def fold_speed(payload: dict) -> list[str]:
 
 def fold_targets(payload: dict) -> list[str]:
     header = ["target", *[m["model"] for m in payload["models"]]]
-    floor_row, anchor_row = ["fold end to end <= 1.3x the load+save floor"], []
+    floor_row = ["fold end to end <= 1.3x the load+save floor"]
     anchor_row = ["faster than every anchor (wall, fresh process)"]
     for model in payload["models"]:
         r = model["ratios"]
@@ -179,9 +179,9 @@ def reestimate_anchor(payload: dict) -> list[str]:
             f"samples, batch {model['batch_size']}",
             "",
         ]
+        torch_wall = tools.get("torch_update_bn", {}).get("wall_s")
         rows = []
         for name, t in tools.items():
-            torch_wall = tools.get("torch_update_bn", {}).get("wall_s")
             rows.append(
                 [
                     name,

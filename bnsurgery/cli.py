@@ -102,13 +102,6 @@ batch_size_option = click.option(
 provider_option = click.option(
     "--provider", default="cpu", show_default=True, help="Execution provider alias."
 )
-measure_opt_level_option = click.option(
-    "--opt-level",
-    type=click.Choice(["disable_all", "basic", "extended", "all"]),
-    default="all",
-    show_default=True,
-    help="ORT graph optimisation level of the measuring runs (what is measured is never fused).",
-)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 

@@ -12,7 +12,6 @@ from bnsurgery.cli import (
     batch_size_option,
     data_notes,
     json_option,
-    measure_opt_level_option,
     output_option,
     parse_size,
     provider_option,
@@ -20,7 +19,7 @@ from bnsurgery.cli import (
     shape_option,
 )
 from bnsurgery.commands.insert import render_insert
-from bnsurgery.commands.reestimate import render_reestimate
+from bnsurgery.commands.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.reestimate import MODES

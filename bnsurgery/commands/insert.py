@@ -13,12 +13,12 @@ from bnsurgery.cli import (
     data_notes,
     in_place_option,
     json_option,
-    measure_opt_level_option,
     output_option,
     provider_option,
     save_and_emit,
     shape_option,
 )
+from bnsurgery.commands.reestimate import measure_opt_level_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.harness.report import text_table
 from bnsurgery.io import load_model, resolve_output_path

@@ -16,7 +16,6 @@ from bnsurgery.cli import (
     data_notes,
     in_place_option,
     json_option,
-    measure_opt_level_option,
     output_option,
     parse_size,
     provider_option,
@@ -25,15 +24,25 @@ from bnsurgery.cli import (
 )
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
+from bnsurgery.harness.providers import OPT_LEVELS
 from bnsurgery.harness.report import text_table
 from bnsurgery.io import load_model, resolve_output_path
-from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MODES
+from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MEASURE_OPT_LEVEL, MODES
 
 EXAMPLE = """\b
 Example:
   bnsurgery reestimate sample_models/digits_cnn.onnx --data sample_models/digits_test.npz \\
       -o digits_adapted.onnx --prior 16
 """
+
+# The level of the measuring sessions; shared by insert --calibrate and adapt.
+measure_opt_level_option = click.option(
+    "--opt-level",
+    type=click.Choice(list(OPT_LEVELS)),
+    default=MEASURE_OPT_LEVEL,
+    show_default=True,
+    help="ORT graph optimisation level of the measuring runs (what is measured is never fused).",
+)
 
 
 def _g(value: float) -> str:
