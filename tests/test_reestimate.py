@@ -61,6 +61,70 @@ def test_batch_mode_matches_batch_statistics_forward_with_pooled_moments(net, im
     assert result.report.run.passes == 1
 
 
+def _session_models(monkeypatch) -> list[onnx.ModelProto]:
+    """Every model a Runner opens a session for, from now on."""
+    from bnsurgery.passes.reestimate import Runner
+
+    seen: list[onnx.ModelProto] = []
+    original = Runner.session
+
+    def record(self, model):
+        seen.append(model)
+        return original(self, model)
+
+    monkeypatch.setattr(Runner, "session", record)
+    return seen
+
+
+def _batch_norms(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14, 18])
+def test_batch_mode_runs_each_bn_as_one_training_mode_node(opset, monkeypatch):
+    model = ref.conv_net(opset=opset)
+    x = ref.image_data(40, shift=0.4)
+    sessions = _session_models(monkeypatch)
+    result = reestimate(model, {"x": x}, batch_size=16, mode="batch")
+    _assert_close(_stats(result), ref.reference_batch(model, ref.split(x, 16)))
+    (graph,) = sessions
+    bns = _batch_norms(graph)
+    assert len(bns) == len(_batch_norms(model))
+    for bn in bns:  # training mode: an attribute from opset 14, the optional outputs before
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        assert attrs["momentum"] == 0.0
+        assert attrs.get("training_mode") == 1 if opset >= 14 else len(bn.output) == 5
+    assert not [n for n in graph.graph.node if n.op_type.startswith("Reduce")]
+
+
+def test_batch_mode_forms_agree_on_the_sample_resnet(monkeypatch):
+    """The one-node form against the centred per-sample rewrite it replaced on the CPU."""
+    from bnsurgery.passes import reestimate as engine
+
+    model = onnx.load(SAMPLES / "resnet_small.onnx")
+    x = np.random.default_rng(7).normal(0.2, 1.1, (48, 3, 64, 64)).astype(np.float32)
+    one_node = reestimate(model, {"input": x}, batch_size=16, mode="batch").report.stats
+    monkeypatch.setattr(engine, "training_mode_rewrite", lambda *args: None)
+    centred = reestimate(model, {"input": x}, batch_size=16, mode="batch").report.stats
+    assert len(one_node.entries) == 20
+    for name, m in centred.entries.items():
+        assert relative_error(one_node.entries[name].mean, m.mean) < 2 * TOL, name
+        assert relative_error(one_node.entries[name].var, m.var) < 2 * TOL, name
+
+
+def test_batch_mode_on_other_providers_uses_plain_ops(net, images, monkeypatch):
+    """Training-mode BN is only known to run on the CPU EP: elsewhere, the centred rewrite."""
+    from bnsurgery.passes import reestimate as engine
+
+    sessions = _session_models(monkeypatch)
+    monkeypatch.setattr(engine.Runner, "runs_training_mode_bn", False)
+    result = reestimate(net, {"x": images}, batch_size=16, mode="batch")
+    _assert_close(_stats(result), ref.reference_batch(net, ref.split(images, 16)))
+    (graph,) = sessions
+    assert all(len(bn.output) == 1 for bn in _batch_norms(graph))
+    assert [n for n in graph.graph.node if n.op_type == "ReduceMean"]
+
+
 @pytest.mark.parametrize("mode", ["exact", "batch"])
 def test_two_dimensional_bns_match_the_reference(mode):
     model = ref.mlp()

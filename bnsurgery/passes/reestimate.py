@@ -407,6 +407,14 @@ class Runner:
         self.threads = threads
         self.session_info: dict[str, Any] | None = None
 
+    @property
+    def runs_training_mode_bn(self) -> bool:
+        """Whether batch mode may use training-mode BatchNormalization: tested on ORT's CPU
+        kernel; other EPs get plain ops, which every EP runs."""
+        from bnsurgery.harness.providers import resolve_alias
+
+        return resolve_alias(self.provider) == "CPUExecutionProvider"
+
     def session(self, model: onnx.ModelProto):
         """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
         with external data."""
@@ -978,6 +986,53 @@ def batch_norm_rewrite(target: BnTarget, x_dtype: int, opset: int, names: NameGe
     return Probe(target, nodes, inits, outputs, lambda arrays: decode_partial(*arrays))
 
 
+def training_mode_rewrite(
+    target: BnTarget, x_dtype: int, opset: int, names: NameGenerator
+) -> Probe | None:
+    """The BN itself in training mode with momentum 0: one node normalises with the batch's
+    mean and biased variance and returns them, in three passes over its input where the
+    centred rewrite needs six. Against float64 its moments are as accurate as the centred
+    rewrite's (docs/reestimate.md, "batch mode").
+
+    None where that form does not apply: opset < 9, a spatial=0 BN, or dtypes other than one
+    of float32/float64 throughout (fp16 activations keep the centred float32 rewrite).
+    """
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    if opset < 9 or not target.view.spatial or x_dtype not in float_types:
+        return None
+    if any(dtype != x_dtype for dtype in target.dtypes):
+        return None
+    k = target.key
+    np_dtype = helper.tensor_dtype_to_np_dtype(x_dtype)
+    # fresh running inputs: momentum 0 multiplies them by zero, and 0 * inf would be NaN
+    zeros, ones = names(f"{k}/running_mean_in"), names(f"{k}/running_var_in")
+    inits = [
+        numpy_helper.from_array(np.zeros(target.channels, np_dtype), zeros),
+        numpy_helper.from_array(np.ones(target.channels, np_dtype), ones),
+    ]
+    mean, var, shape = names(f"{k}/batch_mean"), names(f"{k}/batch_var"), names(f"{k}/shape")
+    outputs = [target.node.output[0], mean, var]
+    attrs: dict[str, Any] = {"epsilon": target.view.epsilon, "momentum": 0.0}
+    if opset >= 14:
+        attrs["training_mode"] = 1
+    else:  # opsets 9-13 train when the optional outputs are present, and ORT wants all four
+        outputs += [names(f"{k}/saved_mean"), names(f"{k}/saved_inv_std")]
+    inputs = [target.x, target.node.input[1], target.node.input[2], zeros, ones]
+    nodes = [
+        helper.make_node(
+            "BatchNormalization", inputs, outputs, name=names(f"{k}/batch_norm"), **attrs
+        ),
+        helper.make_node("Shape", [target.x], [shape], name=names(shape)),
+    ]
+
+    def decode(arrays: list[np.ndarray]) -> Moments:
+        batch_mean, batch_var, dims = arrays
+        count = int(dims[0]) * int(np.prod(dims[2:]))
+        return Moments(count, batch_mean, batch_var.astype(np.float64) * count)
+
+    return Probe(target, nodes, inits, [mean, var, shape], decode)
+
+
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element types of the main graph's tensors, from shape inference where it works."""
     types: dict[str, int] = {}
@@ -1000,7 +1055,12 @@ def measure_batch_mode(
     progress: Progress | None = None,
     stats: RunStats | None = None,
 ) -> dict[str, Moments]:
-    """One pass with every target BN in batch-statistics mode; pooled moments per BN."""
+    """One pass with every target BN in batch-statistics mode; pooled moments per BN.
+
+    On ONNX Runtime's CPU provider each BN runs in training mode where it can
+    (training_mode_rewrite); elsewhere, and where that form does not apply, it is rewritten to
+    normalise with its pooled per-sample moments (batch_norm_rewrite), which any EP runs.
+    """
     stats = stats if stats is not None else RunStats()
     plan = Plan.build(model, targets, single_wave=True)
     stats.model_nodes = sum(plan.dynamic)
@@ -1010,6 +1070,7 @@ def measure_batch_mode(
     names = NameGenerator(model)
     types = _tensor_types(model) if opset >= 15 else {}  # below 15, X has the params' dtype
     by_node = {id(t.node): t for t in targets}
+    one_node = runner.runs_training_mode_bn
     probes: dict[int, Probe] = {}
     # every target runs, even a last BN whose output nothing measured reads
     run = set(plan.needed) | {plan.nodes.index(t.node) for t in targets}
@@ -1022,7 +1083,8 @@ def measure_batch_mode(
             nodes.append(node)
             continue
         x_dtype = types.get(target.x) or target.dtypes[0]
-        probe = batch_norm_rewrite(target, x_dtype, opset, names)
+        probe = one_node and training_mode_rewrite(target, x_dtype, opset, names)
+        probe = probe or batch_norm_rewrite(target, x_dtype, opset, names)
         probes[i] = probe
         nodes.extend(probe.nodes)
         inits.extend(probe.initializers)
