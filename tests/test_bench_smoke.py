@@ -22,6 +22,7 @@ SMOKES = {
     "fold_speed": ("models", "targets", "machine"),
     "inference_latency": ("models", "targets"),
     "large_model": ("tools", "ratios", "targets"),
+    "moments_accuracy": ("rows", "onnxruntime"),
     "reestimate_speed": ("models", "targets"),  # owned by the re-estimation work
     "reestimate_anchor": ("models", "targets"),
 }
