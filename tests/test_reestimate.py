@@ -326,14 +326,33 @@ def test_training_mode_bn_is_refused():
         reestimate(models.training_mode_bn(), "random:4")
 
 
-def test_nan_in_activations_names_the_first_bn_input(net, images):
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_nan_in_activations_names_the_first_bn_input(net, images, mode):
     bad = images.copy()
     bad[20, 0, 2, 2] = np.nan
     with pytest.raises(DataError, match=r"input 'c0' of BatchNormalization 'bn0' \(batch 1\)"):
-        reestimate(net, {"x": bad}, batch_size=16)
+        reestimate(net, {"x": bad}, batch_size=16, mode=mode)
 
 
-def test_inf_appearing_downstream_names_that_bn(net, images):
+def test_non_finite_old_statistics_do_not_leak_into_batch_mode(net, images):
+    """Momentum 0 still multiplies the running inputs by zero: they must not be the model's."""
+    broken = onnx.ModelProto()
+    broken.CopyFrom(net)
+    bn0 = next(n for n in broken.graph.node if n.name == "bn0")
+    for t in broken.graph.initializer:
+        if t.name in (bn0.input[3], bn0.input[4]):
+            value = onnx.numpy_helper.to_array(t).copy()
+            value[0] = np.nan if t.name == bn0.input[3] else np.inf
+            t.CopyFrom(onnx.numpy_helper.from_array(value, t.name))
+    got = reestimate(broken, {"x": images}, batch_size=16, mode="batch")
+    want = reestimate(net, {"x": images}, batch_size=16, mode="batch")
+    for name, m in want.report.stats.entries.items():
+        np.testing.assert_array_equal(got.report.stats.entries[name].mean, m.mean)
+        np.testing.assert_array_equal(got.report.stats.entries[name].m2, m.m2)
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_inf_appearing_downstream_names_that_bn(net, images, mode):
     model = onnx.ModelProto()
     model.CopyFrom(net)
     for t in model.graph.initializer:
@@ -342,7 +361,7 @@ def test_inf_appearing_downstream_names_that_bn(net, images):
             value[1] = np.inf
             t.CopyFrom(onnx.numpy_helper.from_array(value, t.name))
     with pytest.raises(DataError, match="'cb' of BatchNormalization 'bn_b'"):
-        reestimate(model, {"x": images}, batch_size=16)
+        reestimate(model, {"x": images}, batch_size=16, mode=mode)
 
 
 @pytest.mark.parametrize(
