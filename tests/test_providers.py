@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnxruntime as ort
 import pytest
 from models import make, vi
 from onnx import helper
@@ -58,6 +59,18 @@ def test_optimisation_level_is_selectable_and_validated():
     assert info.opt_level == "ORT_ENABLE_ALL"
     with pytest.raises(BadInputError, match="optimization level"):
         create_session(relu(), ProviderConfig("cpu", opt_level="max"))
+
+
+def test_execution_order_is_selectable_validated_and_recorded():
+    from bnsurgery.harness.providers import session_options
+
+    config = ProviderConfig("cpu", execution_order="priority_based")
+    assert session_options(config).execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    _, info = create_session(relu(), config)
+    assert info.to_dict()["execution_order"] == "PRIORITY_BASED"
+    assert create_session(relu())[1].execution_order == "DEFAULT"
+    with pytest.raises(BadInputError, match="unknown execution order 'random'"):
+        create_session(relu(), ProviderConfig("cpu", execution_order="random"))
 
 
 def test_cuda_options_tf32_off_by_default_and_recorded():

@@ -57,7 +57,8 @@ def test_json_schema_is_stable(report):
     assert {"model", "provider", "session"} <= set(d["reference"])
     assert {"alias", "requested", "active", "ran_on", "fallback", "provider_options",
             "graph_optimization_level", "intra_op_threads", "inter_op_threads",
-            "onnxruntime_version", "notes"} <= set(d["reference"]["session"])  # fmt: skip
+            "execution_order", "onnxruntime_version",
+            "notes"} <= set(d["reference"]["session"])  # fmt: skip
     assert {"source", "samples", "batches", "batch_size", "labels", "synthetic"} <= set(d["data"])
     (pair,) = d["comparisons"]
     assert {"model", "provider", "passed", "session", "outputs"} <= set(pair)

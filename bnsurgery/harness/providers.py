@@ -54,6 +54,7 @@ INSTALL_HINTS = {
 }
 
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+EXECUTION_ORDERS = {"default": "DEFAULT", "priority_based": "PRIORITY_BASED"}
 
 
 def parse_providers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -103,6 +104,7 @@ class ProviderConfig:
     device_id: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    execution_order: str = "default"
 
     def validate(self) -> None:
         """Raise BadInputError on an unknown alias, level or CUDA option value."""
@@ -116,6 +118,11 @@ class ProviderConfig:
             raise BadInputError(
                 f"unknown cudnn_conv_algo_search '{self.cudnn_conv_algo_search}' "
                 f"(known: {', '.join(CUDNN_CONV_ALGO_SEARCH)})"
+            )
+        if self.execution_order not in EXECUTION_ORDERS:
+            raise BadInputError(
+                f"unknown execution order '{self.execution_order}' "
+                f"(known: {', '.join(EXECUTION_ORDERS)})"
             )
         if self.device_id < 0 or self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise BadInputError("device id and thread counts must be >= 0")
@@ -144,6 +151,7 @@ class SessionInfo:
     intra_op_threads: int
     inter_op_threads: int
     fallback: bool = False
+    execution_order: str = "DEFAULT"
     notes: list[str] = field(default_factory=list)
     alias: str = ""
     effective_options: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -172,6 +180,7 @@ class SessionInfo:
             "graph_optimization_level": self.opt_level,
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
+            "execution_order": self.execution_order,
             "onnxruntime_version": self.onnxruntime_version,
             "notes": self.notes,
         }
@@ -191,6 +200,7 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     )
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
+    options.execution_order = getattr(ort.ExecutionOrder, EXECUTION_ORDERS[config.execution_order])
     options.log_severity_level = 3
     return options
 
@@ -214,6 +224,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         opt_level=OPT_LEVELS.get(config.opt_level, config.opt_level),
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
+        execution_order=EXECUTION_ORDERS.get(config.execution_order, config.execution_order),
         alias=config.alias,
         onnxruntime_version=ort.__version__,
     )

@@ -421,8 +421,14 @@ class Runner:
         from bnsurgery.harness.providers import ProviderConfig, create_session
         from bnsurgery.io import EXTERNAL_DATA_THRESHOLD
 
+        # Priority-based order runs each Shape node beside the op it measures. ORT's default
+        # order schedules these graph-output leaves last, which keeps every measured activation
+        # alive to the end of the run (ResNet-50, batch 32: 3.5 GB of peak RSS against 1.36).
         config = ProviderConfig(
-            alias=self.provider, opt_level=self.opt_level, intra_op_threads=self.threads
+            alias=self.provider,
+            opt_level=self.opt_level,
+            intra_op_threads=self.threads,
+            execution_order="priority_based",
         )
         try:
             if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
