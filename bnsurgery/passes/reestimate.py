@@ -1090,7 +1090,7 @@ def measure_batch_mode(
             nodes.append(node)
             continue
         x_dtype = types.get(target.x) or target.dtypes[0]
-        probe = one_node and training_mode_rewrite(target, x_dtype, opset, names)
+        probe = training_mode_rewrite(target, x_dtype, opset, names) if one_node else None
         probe = probe or batch_norm_rewrite(target, x_dtype, opset, names)
         probes[i] = probe
         nodes.extend(probe.nodes)
