@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -696,6 +696,24 @@ class Plan:
             inputs_of,
         )
 
+    def recompute(
+        self, wanted: Iterable[str], available: Container[str], run: set[int]
+    ) -> set[int]:
+        """The nodes beyond `run` that must run to produce `wanted` from the `available`
+        tensors and the model inputs."""
+        extra: set[int] = set()
+        stack = [n for n in wanted if n in self.producer and self.dynamic[self.producer[n]]]
+        while stack:
+            name = stack.pop()
+            i = self.producer[name]
+            if i in run or i in extra or name in available:
+                continue
+            extra.add(i)
+            stack.extend(
+                n for n in self.inputs[i] if n in self.producer and self.dynamic[self.producer[n]]
+            )
+        return extra
+
     def static_closure(self, run: set[int]) -> set[int]:
         """Constant-producing nodes the run's nodes read (they run again in every part)."""
         found: set[int] = set()
@@ -731,10 +749,17 @@ class TensorCache:
         self.bytes += sum(a.nbytes for a in arrays)
         self.peak = max(self.peak, self.bytes)
 
+    def release(self, name: str, batch: int) -> None:
+        """Free one batch's array of a tensor that no later stage reads."""
+        arrays = self.tensors[name]
+        if arrays[batch] is not None:
+            self.bytes -= arrays[batch].nbytes
+            arrays[batch] = None  # type: ignore[call-overload]
+
     def evict(self, name: str) -> None:
         arrays = self.tensors.pop(name, None)
         if arrays is not None:
-            self.bytes -= sum(a.nbytes for a in arrays)
+            self.bytes -= sum(a.nbytes for a in arrays if a is not None)
 
 
 def measure_waves(
@@ -772,19 +797,9 @@ def measure_waves(
         wanted = set().union(*(plan.inputs[i] for i in run)) if run else set()
         wanted |= {t.x for t in wave}
         # recompute whatever is neither cached, nor produced here, nor a model input
-        recomputed = 0
-        stack = [n for n in wanted if n in plan.producer and plan.dynamic[plan.producer[n]]]
-        while stack:
-            name = stack.pop()
-            i = plan.producer[name]
-            if i in run or name in cache:
-                continue
-            run.add(i)
-            recomputed += 1
-            stack.extend(
-                n for n in plan.inputs[i] if n in plan.producer and plan.dynamic[plan.producer[n]]
-            )
-        stats.recomputed_nodes += recomputed
+        recomputed = plan.recompute(wanted, cache, run)
+        run |= recomputed
+        stats.recomputed_nodes += len(recomputed)
         order = sorted(run | plan.static_closure(run))
         run_nodes = [plan.nodes[i] for i in order]
         produced = {o for i in run for o in plan.nodes[i].output if o}
@@ -822,6 +837,9 @@ def measure_waves(
         kept: dict[str, list[np.ndarray]] = {n: [] for n in keep}
         kept_bytes = 0
         uses_data = any(n in plan.runtime_inputs for n in feeds_needed)
+        # cached inputs no later stage reads: each batch's array is freed once it has run, so
+        # the tensors this stage keeps can take its place within the budget
+        spent = [n for n in feeds_needed if n in cache and plan.last_use.get(n, -1) <= s]
         sizes: list[int] = []
         for b, batch in enumerate(_batches(feeds, uses_data, cache, feeds_needed, batch_sizes)):
             feed = {n: batch[n] for n in feeds_needed}
@@ -838,8 +856,10 @@ def measure_waves(
                 kept[n].append(arrays[n])
                 dtypes[n] = arrays[n].dtype
                 kept_bytes += arrays[n].nbytes
+            for n in spent:
+                cache.release(n, b)
             while kept and cache.bytes + kept_bytes > memory_budget:
-                victim = next(reversed(kept))  # the earliest producer goes first
+                victim = _cheapest_to_recompute(plan, kept, cache, s)
                 kept_bytes -= sum(a.nbytes for a in kept.pop(victim))
             if progress is not None:
                 progress(1, total)
@@ -855,6 +875,20 @@ def measure_waves(
             results[t.key] = acc[t.key]
         on_wave(wave, {t.key: acc[t.key] for t in wave})
     return results
+
+
+def _cheapest_to_recompute(
+    plan: Plan, kept: Mapping[str, list[np.ndarray]], cache: TensorCache, stage: int
+) -> str:
+    """The kept tensor a later stage can recompute with the fewest nodes from what stays cached
+    (a BN input one convolution away from a block input that stays, rather than that block
+    input, whose recomputation may reach back to the data); ties go to the earliest producer."""
+    staying = {n for n in cache.tensors if plan.last_use.get(n, -1) > stage}
+
+    def cost(name: str) -> int:
+        return len(plan.recompute([name], staying | (set(kept) - {name}), set()))
+
+    return min(reversed(list(kept)), key=cost)  # kept runs latest producer first
 
 
 def _batches(
