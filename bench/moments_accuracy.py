@@ -29,12 +29,13 @@ from onnx import helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from render_benchmarks import replace_marked  # noqa: E402  (bench/ is the script's folder)
+
 from bnsurgery.passes import reestimate as engine  # noqa: E402
 from bnsurgery.stats import Moments, relative_error  # noqa: E402
 
 CHANNELS = 4
 RATIOS = (0.0, 1.0, 10.0, 100.0, 1e3, 1e4)
-BEGIN, END = "<!-- moments_accuracy:begin -->", "<!-- moments_accuracy:end -->"
 
 
 def bn_model() -> onnx.ModelProto:
@@ -100,12 +101,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def splice(path: Path, table: str) -> None:
-    text = path.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
@@ -135,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
     if not args.smoke:
-        splice(ROOT / "docs/reestimate.md", markdown(results))
+        doc = ROOT / "docs/reestimate.md"
+        doc.write_text(
+            replace_marked(doc.read_text(), "moments_accuracy", markdown(results) + "\n")
+        )
     return 0
 
 

@@ -212,14 +212,19 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
 }
 
 
+def replace_marked(text: str, name: str, body: str) -> str:
+    """`text` with what lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` replaced by
+    `body` (ending in a newline); unchanged where the markers are absent."""
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
 def render(text: str) -> str:
     for name, (file, build) in SECTIONS.items():
         path = JSON_DIR / file
-        if not path.exists():
-            continue
-        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
-        body = "\n".join(build(json.loads(path.read_text()))) + "\n"
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+        if path.exists():
+            body = "\n".join(build(json.loads(path.read_text()))) + "\n"
+            text = replace_marked(text, name, body)
     return text
 
 
