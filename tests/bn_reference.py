@@ -237,6 +237,56 @@ def conv_net(c: int = 4, size: int = 6, opset: int = 14, seed: int = 0) -> onnx.
     return model
 
 
+def bottleneck_net(c: int = 4, size: int = 8, seed: int = 2) -> onnx.ModelProto:
+    """One ResNet-50-style bottleneck: a narrow main path (c channels, then 4c) and a wide
+    shortcut (4c), added, then Conv-BN to c channels -> GlobalAveragePool.
+
+    Waves: bn0 (1); bn1 and bn_s (2); bn2 (3); bn3 (4). Stage 2 keeps two 4c tensors for the
+    Add (bn2's input c2 and the shortcut's output bs) from c-channel and 4c-channel inputs.
+    """
+    r = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int) -> str:
+        w = r.normal(0, 1 / np.sqrt(cin * 9), (cout, cin, 3, 3))
+        inits.append(_init_f32(f"{name}.W", w))
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, f"{name}.W"], [name], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            )
+        )
+        return name
+
+    def bn(name: str, x: str, channels: int) -> str:
+        node, tensors = _bn(name, x, f"{name}_out", channels, r, 14)
+        nodes.append(node)
+        inits.extend(tensors)
+        return f"{name}_out"
+
+    def relu(x: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [f"{x}_relu"], name=f"{x}_relu"))
+        return f"{x}_relu"
+
+    r0 = relu(bn("bn0", conv("c0", "x", 3, c), c))
+    main = relu(bn("bn1", conv("c1", r0, c, c), c))
+    main = bn("bn2", conv("c2", main, c, 4 * c), 4 * c)
+    shortcut = bn("bn_s", conv("cs", r0, c, 4 * c), 4 * c)
+    nodes.append(helper.make_node("Add", [main, shortcut], ["sum"], name="add"))
+    out = bn("bn3", conv("c3", relu("sum"), 4 * c, c), c)
+    nodes.append(helper.make_node("GlobalAveragePool", [out], ["y"], name="gap"))
+    graph = helper.make_graph(
+        nodes,
+        "bottleneck_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def mlp(features: int = 6, hidden: int = 8, opset: int = 14, seed: int = 1) -> onnx.ModelProto:
     """Gemm-BN-Relu-Gemm-BN-Relu-Gemm on [N, features]: two waves, 2-D BNs."""
     r = np.random.default_rng(seed)

@@ -550,8 +550,10 @@ def partial_moments_nodes(
     Only these (N, C, 1) arrays leave the session; `decode_partial` merges them in float64
     with Chan's formula. No sum ever spans more than one sample's positions in the activation
     dtype, and centring before squaring means no cancellation: the error stays at the
-    rounding level of the activations themselves. (ReduceMean over the last axis is one of
-    ONNX Runtime's fast reductions; ReduceSumSquare is not, hence Mul + ReduceMean.)
+    rounding level of the activations themselves. (Mul + ReduceMean rather than
+    ReduceSumSquare: ONNX Runtime's ReduceMean accumulates blockwise, its ReduceSumSquare
+    sequentially. On 64 x 256 x 3136 activations both take 0.075 s, and the variance is within
+    4e-7 of float64 against 3e-6 for ReduceSumSquare, 7e-7 against 7e-6 at 12544 positions.)
     """
     k = target.key
     reshape, x3 = _grouped(target, target.x, names, inits)
@@ -749,6 +751,9 @@ class TensorCache:
         self.bytes += sum(a.nbytes for a in arrays)
         self.peak = max(self.peak, self.bytes)
 
+    def nbytes(self, name: str) -> int:
+        return sum(a.nbytes for a in self.tensors[name] if a is not None)
+
     def release(self, name: str, batch: int) -> None:
         """Free one batch's array of a tensor that no later stage reads."""
         arrays = self.tensors[name]
@@ -856,6 +861,17 @@ def measure_waves(
                 kept[n].append(arrays[n])
                 dtypes[n] = arrays[n].dtype
                 kept_bytes += arrays[n].nbytes
+            if b == 0 and batch_sizes is not None and kept:
+                # the batch sizes are known: plan this stage's drops for its full outputs now,
+                # while a spent input can still be held as the anchor of a recomputation
+                total_samples = sum(batch_sizes)
+                projected = {n: kept[n][0].nbytes * total_samples // sizes[0] for n in kept}
+                drops, anchors = _plan_drops(plan, projected, cache, spent, s, memory_budget)
+                for n in drops:
+                    kept_bytes -= sum(a.nbytes for a in kept.pop(n))
+                for n, last in anchors.items():
+                    spent.remove(n)
+                    plan.last_use[n] = max(plan.last_use.get(n, -1), last)
             for n in spent:
                 cache.release(n, b)
             while kept and cache.bytes + kept_bytes > memory_budget:
@@ -875,6 +891,61 @@ def measure_waves(
             results[t.key] = acc[t.key]
         on_wave(wave, {t.key: acc[t.key] for t in wave})
     return results
+
+
+def _plan_drops(
+    plan: Plan,
+    projected: Mapping[str, int],
+    cache: TensorCache,
+    spent: Sequence[str],
+    stage: int,
+    budget: int,
+) -> tuple[list[str], dict[str, int]]:
+    """Which of a stage's outputs to drop when, at full size (`projected` bytes), they would not
+    fit beside what stays cached; and which spent inputs to hold on to instead, each with the
+    stage up to which it is needed.
+
+    A dropped tensor is recomputed by the later stages that read it. Holding a spent input of
+    this stage can make that recomputation a few nodes instead of a path back towards the data:
+    on ResNet-50 at 512 samples, a block's 1.6 GB conv3 output and its 1.6 GB shortcut do not
+    fit in 2 GB together, but the shortcut and the 0.4 GB conv2 output do, and conv3's output
+    is then one BN, ReLU and 1x1 convolution away. Greedy: drop the cheapest output to
+    recompute (in nodes) until the rest fits; an anchor is held only when that still fits.
+    """
+    staying = {n for n in cache.tensors if plan.last_use.get(n, -1) > stage}
+    fixed = sum(cache.nbytes(n) for n in staying)
+    keep = dict(projected)
+    spare = {n: cache.nbytes(n) for n in spent}
+    held: dict[str, int] = {}  # spent inputs held, with their bytes
+    anchors: dict[str, int] = {}
+    drops: list[str] = []
+
+    def total() -> int:
+        return fixed + sum(keep.values()) + sum(held.values())
+
+    while keep and total() > budget:
+        best: tuple[int, str, set[str]] | None = None
+        for name in reversed(list(keep)):  # ties go to the earliest producer
+            others = staying | set(held) | (set(keep) - {name})
+            nodes = plan.recompute([name], others | set(spare), set())
+            need = {a for a in set(spare) - set(held) if any(a in plan.inputs[i] for i in nodes)}
+            if need and total() - keep[name] + sum(spare[a] for a in need) > budget:
+                nodes, need = plan.recompute([name], others, set()), set()
+            if best is None or len(nodes) < best[0]:
+                best = (len(nodes), name, need)
+        assert best is not None
+        _, name, need = best
+        drops.append(name)
+        del keep[name]
+        for a in need:
+            held[a] = spare[a]
+    # each held input is needed up to the last stage that recomputes from it
+    available = staying | set(keep) | set(held)
+    for name in drops:
+        for i in plan.recompute([name], available, set()):
+            for a in set(held) & set(plan.inputs[i]):
+                anchors[a] = max(anchors.get(a, -1), plan.last_use.get(name, -1))
+    return drops, anchors
 
 
 def _cheapest_to_recompute(
