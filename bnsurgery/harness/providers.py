@@ -105,6 +105,8 @@ class ProviderConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     execution_order: str = "default"
+    # allocate from the process-wide arena of bnsurgery.harness.arena (registered by its user)
+    shared_cpu_arena: bool = False
 
     def validate(self) -> None:
         """Raise BadInputError on an unknown alias, level or CUDA option value."""
@@ -156,6 +158,7 @@ class SessionInfo:
     alias: str = ""
     effective_options: dict[str, dict[str, str]] = field(default_factory=dict)
     onnxruntime_version: str = ""
+    shared_cpu_arena: bool = False
 
     @property
     def ran_on(self) -> str:
@@ -182,6 +185,7 @@ class SessionInfo:
             "inter_op_threads": self.inter_op_threads,
             "execution_order": self.execution_order,
             "onnxruntime_version": self.onnxruntime_version,
+            "shared_cpu_arena": self.shared_cpu_arena,
             "notes": self.notes,
         }
 
@@ -202,6 +206,10 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     options.inter_op_num_threads = config.inter_op_threads
     options.execution_order = getattr(ort.ExecutionOrder, EXECUTION_ORDERS[config.execution_order])
     options.log_severity_level = 3
+    if config.shared_cpu_arena:
+        from bnsurgery.harness.arena import USE_ENV_ALLOCATORS
+
+        options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
     return options
 
 
@@ -227,6 +235,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         execution_order=EXECUTION_ORDERS.get(config.execution_order, config.execution_order),
         alias=config.alias,
         onnxruntime_version=ort.__version__,
+        shared_cpu_arena=config.shared_cpu_arena,
     )
     available = available_providers()
     providers: list[Any] = []

@@ -75,6 +75,7 @@ def adapt(
     shapes: Mapping[str, list[int]] | None = None,
     provider: str = "cpu",
     opt_level: str = MEASURE_OPT_LEVEL,
+    shared_arena: bool = True,
     progress: Any = None,
 ) -> PassResult:
     """Adapt `model` to TARGET's input distribution by re-estimating BN statistics.
@@ -132,6 +133,7 @@ def adapt(
         shapes=shapes,
         provider=provider,
         opt_level=opt_level,
+        shared_arena=shared_arena,
         progress=progress,
     )(work)
     report.reestimate = result.report

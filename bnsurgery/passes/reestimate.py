@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,12 +401,42 @@ class Runner:
     """Builds sub-models of one model and runs them on ONNX Runtime."""
 
     def __init__(
-        self, provider: str = "cpu", opt_level: str = MEASURE_OPT_LEVEL, threads: int = 0
+        self,
+        provider: str = "cpu",
+        opt_level: str = MEASURE_OPT_LEVEL,
+        threads: int = 0,
+        shared_arena: bool = True,
     ) -> None:
         self.provider = provider
         self.opt_level = opt_level
         self.threads = threads
+        self.shared_arena = shared_arena
         self.session_info: dict[str, Any] | None = None
+        self._in_scope = 0
+
+    @property
+    def uses_shared_arena(self) -> bool:
+        """Whether the sessions share one CPU arena (bnsurgery.harness.arena): measured on the
+        CPU EP only, so other EPs keep their per-session arenas."""
+        from bnsurgery.harness.providers import resolve_alias
+
+        return self.shared_arena and resolve_alias(self.provider) == "CPUExecutionProvider"
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """Sessions created within share one arena (when `uses_shared_arena`), whose free memory
+        is released after; sessions created outside keep their own."""
+        if not self.uses_shared_arena:
+            yield
+            return
+        from bnsurgery.harness.arena import shared_cpu_arena
+
+        with shared_cpu_arena():
+            self._in_scope += 1
+            try:
+                yield
+            finally:
+                self._in_scope -= 1
 
     @property
     def runs_training_mode_bn(self) -> bool:
@@ -429,6 +460,7 @@ class Runner:
             opt_level=self.opt_level,
             intra_op_threads=self.threads,
             execution_order="priority_based",
+            shared_cpu_arena=self._in_scope > 0,
         )
         try:
             if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
@@ -1327,7 +1359,13 @@ class ReestimateReport:
 
 @register("reestimate")
 class ReestimatePass:
-    """Re-estimate BN statistics on DATA (or apply saved statistics); never in place."""
+    """Re-estimate BN statistics on DATA (or apply saved statistics); never in place.
+
+    With `shared_arena` (CPU EP), the measuring sessions allocate from one arena registered
+    with ORT's environment, and its free memory is released when measuring ends
+    (bnsurgery.harness.arena). A process that registers its own environment allocator with
+    `onnxruntime.create_and_register_allocator` passes False: ORT keeps one per device.
+    """
 
     name = "reestimate"
     in_place = False
@@ -1347,6 +1385,7 @@ class ReestimatePass:
         provider: str = "cpu",
         opt_level: str = MEASURE_OPT_LEVEL,
         threads: int = 0,
+        shared_arena: bool = True,
         progress: Progress | None = None,
     ) -> None:
         if mode not in MODES:
@@ -1364,7 +1403,7 @@ class ReestimatePass:
         self.data, self.mode, self.samples, self.batch_size = data, mode, samples, batch_size
         self.prior, self.nodes, self.memory_budget = prior, nodes, memory_budget
         self.stats, self.shapes, self.progress = stats, shapes, progress
-        self.runner = Runner(provider, opt_level, threads)
+        self.runner = Runner(provider, opt_level, threads, shared_arena)
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
@@ -1427,6 +1466,10 @@ class ReestimatePass:
         return subset.entries
 
     def _measure(self, work, targets, writer, report) -> dict[str, Moments]:
+        with self.runner.scope():
+            return self._measure_in_scope(work, targets, writer, report)
+
+    def _measure_in_scope(self, work, targets, writer, report) -> dict[str, Moments]:
         feeds = open_data(
             self.data, work, samples=self.samples, batch_size=self.batch_size, shapes=self.shapes
         )
