@@ -60,7 +60,8 @@ def release() -> None:
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     node = helper.make_node("Identity", ["x"], ["y"])
     graph = helper.make_graph([node], "shrink", [value], [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    # IR 8 and opset 13: what every supported onnxruntime (>= 1.17) loads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     options = ort.SessionOptions()
     options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
     session = ort.InferenceSession(
