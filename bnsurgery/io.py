@@ -391,16 +391,8 @@ def save_model(
         use_external = True
         stream = True
     elif external_data is None:
-        # Decide by size without ModelProto.ByteSize(), which costs a full serialisation: the
-        # tensor payload bounds the size from below, and the one serialisation we need anyway
-        # settles the rest.
-        use_external = _payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        if not use_external:
-            try:
-                serialized = model.SerializeToString()
-            except ValueError:  # protobuf refuses messages over 2 GiB
-                serialized = None
-            use_external = serialized is None or len(serialized) > EXTERNAL_DATA_THRESHOLD
+        serialized = serialize_if_small(model)
+        use_external = serialized is None
     else:
         use_external = external_data
     try:
@@ -435,6 +427,22 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def serialize_if_small(model: onnx.ModelProto) -> bytes | None:
+    """The serialised model, or None when it is past EXTERNAL_DATA_THRESHOLD (it then needs
+    external data).
+
+    Decides by size without ModelProto.ByteSize(), which costs a full serialisation: the tensor
+    payload bounds the size from below, and the one serialisation needed anyway settles the rest.
+    """
+    if _payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return None
+    try:
+        serialized = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GiB
+        return None
+    return serialized if len(serialized) <= EXTERNAL_DATA_THRESHOLD else None
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:

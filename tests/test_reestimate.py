@@ -675,6 +675,14 @@ def test_sub_models_past_the_protobuf_limit_go_through_external_data(net, images
 
     want = reestimate(net, {"x": images}, batch_size=16).report.stats
     monkeypatch.setattr(bnsurgery.io, "EXTERNAL_DATA_THRESHOLD", 256)  # every part is "large"
+    from bnsurgery.passes.reestimate import Runner
+
+    via_file = []
+    from_file = Runner._session_from_file
+    monkeypatch.setattr(
+        Runner, "_session_from_file", staticmethod(lambda *a: via_file.append(1) or from_file(*a))
+    )
     got = reestimate(net, {"x": images}, batch_size=16).report.stats
+    assert len(via_file) == 4  # one per wave
     for name, m in want.entries.items():
         np.testing.assert_array_equal(got.entries[name].mean, m.mean)

@@ -450,7 +450,7 @@ class Runner:
         """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
         with external data."""
         from bnsurgery.harness.providers import ProviderConfig, create_session
-        from bnsurgery.io import EXTERNAL_DATA_THRESHOLD
+        from bnsurgery.io import serialize_if_small
 
         # Priority-based order runs each Shape node beside the op it measures. ORT's default
         # order schedules these graph-output leaves last, which keeps every measured activation
@@ -463,10 +463,11 @@ class Runner:
             shared_cpu_arena=self._in_scope > 0,
         )
         try:
-            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            serialized = serialize_if_small(model)
+            if serialized is None:
                 session, info = self._session_from_file(model, config)
             else:
-                session, info = create_session(model, config)
+                session, info = create_session(serialized, config)
         except Exception as exc:
             from bnsurgery.errors import BnSurgeryError
 
