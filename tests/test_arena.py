@@ -9,7 +9,8 @@ import bn_reference as ref
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from models import make, vi
+from onnx import helper
 
 from bnsurgery.harness import arena
 from bnsurgery.harness.providers import ProviderConfig, session_options
@@ -17,10 +18,7 @@ from bnsurgery.passes.reestimate import Runner, reestimate
 
 
 def _relu_model():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N"])], [vi("y", ["N"])])
 
 
 @pytest.mark.parametrize("mode", ["exact", "batch"])

@@ -88,7 +88,3 @@ def shared_cpu_arena() -> Iterator[None]:
             last = _users == 0
         if last:
             release()
-
-
-def is_registered() -> bool:
-    return _registered

@@ -415,12 +415,16 @@ class Runner:
         self._in_scope = 0
 
     @property
+    def _on_cpu_ep(self) -> bool:
+        from bnsurgery.harness.providers import resolve_alias
+
+        return resolve_alias(self.provider) == "CPUExecutionProvider"
+
+    @property
     def uses_shared_arena(self) -> bool:
         """Whether the sessions share one CPU arena (bnsurgery.harness.arena): measured on the
         CPU EP only, so other EPs keep their per-session arenas."""
-        from bnsurgery.harness.providers import resolve_alias
-
-        return self.shared_arena and resolve_alias(self.provider) == "CPUExecutionProvider"
+        return self.shared_arena and self._on_cpu_ep
 
     @contextmanager
     def scope(self) -> Iterator[None]:
@@ -442,9 +446,7 @@ class Runner:
     def runs_training_mode_bn(self) -> bool:
         """Whether batch mode may use training-mode BatchNormalization: tested on ORT's CPU
         kernel; other EPs get plain ops, which every EP runs."""
-        from bnsurgery.harness.providers import resolve_alias
-
-        return resolve_alias(self.provider) == "CPUExecutionProvider"
+        return self._on_cpu_ep
 
     def session(self, model: onnx.ModelProto):
         """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
