@@ -52,6 +52,8 @@ def release() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from bnsurgery.harness.providers import ProviderConfig, session_options
+
     if not _registered:
         return
     # ORT shrinks an arena only at the end of a run that asks for it: run a one-node session
@@ -62,8 +64,7 @@ def release() -> None:
     graph = helper.make_graph([node], "shrink", [value], [out])
     # IR 8 and opset 13: what every supported onnxruntime (>= 1.17) loads
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    options = ort.SessionOptions()
-    options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
+    options = session_options(ProviderConfig("cpu", shared_cpu_arena=True))
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
