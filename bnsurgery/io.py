@@ -14,10 +14,18 @@ in-memory tensors; when a model that has lazy tensors is saved, they are written
 `.data` file and turned into lazy references to it, so saving never holds a second copy of the
 weights. This is what keeps `bnsurgery fold` on a multi-GB model near 1x the model's size in
 memory (docs/benchmarks.md).
+
+Lazy loading also applies to weights embedded in the .onnx file: `wire.find_embedded_payloads`
+cuts the raw data of the large main-graph initializers out of the bytes, and those tensors
+become lazy references into the model file itself (marked `bnsurgery.embedded`). The checker
+then runs on the small remainder (our own scan has checked each cut tensor's size). Saving such
+a model without external data splices each payload back from the file (`_save_inline_stream`),
+so neither the load nor the save passes the unchanged weights through protobuf.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -29,6 +37,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from bnsurgery import wire
 from bnsurgery.errors import BadInputError, UnsafePathError, UsageError
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto  # or an onnx_ir.Model
@@ -49,8 +58,14 @@ def _from_onnx_ir(source: object) -> object:
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # The external_data key under which a lazily loaded tensor records its resolved source file.
 SOURCE_KEY = "bnsurgery.source"
+# Present (value "1") on a lazy tensor whose bytes are embedded in a model file, not external.
+EMBEDDED_KEY = "bnsurgery.embedded"
+_PRIVATE_PREFIX = "bnsurgery."
 # Tensors at least this large go to the .data file when a model is saved with external data.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+# Embedded initializers at least this large stay in the model file when loading lazily; smaller
+# ones (BN parameters, biases) are cheaper parsed than read one by one later.
+EMBEDDED_LAZY_MIN_BYTES = 64 << 10
 _ALIGN = 4096  # offsets in written .data files are page-aligned (mmap-friendly), as onnx does
 _COPY_CHUNK = 16 << 20
 
@@ -90,6 +105,10 @@ def _load_path(path: Path, *, check: bool, lazy: bool) -> onnx.ModelProto:
         raise BadInputError(f"{path}: no such file")
     if path.is_dir():
         raise BadInputError(f"{path}: is a directory, expected an .onnx file")
+    if lazy:
+        embedded = _load_embedded_lazily(path, check=check)
+        if embedded is not None:
+            return embedded
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -111,6 +130,59 @@ def _load_path(path: Path, *, check: bool, lazy: bool) -> onnx.ModelProto:
         else:
             _check_serialized(data)
     return model
+
+
+def _load_embedded_lazily(path: Path, *, check: bool) -> onnx.ModelProto | None:
+    """The model with its large embedded initializers left in the file, or None when the
+    file is anything but a plain model with such tensors (the caller then parses it whole,
+    and reports whatever is wrong with it)."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return None
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                try:
+                    found = wire.find_embedded_payloads(mapped, EMBEDDED_LAZY_MIN_BYTES)
+                except wire.WireFormatError:
+                    found = None
+    except (OSError, ValueError):
+        return None
+    if found is None or not found[1]:
+        return None
+    skeleton, payloads = found
+    try:
+        model = _parse_bytes(skeleton, str(path))
+    except BadInputError:
+        return None
+    if len(model.graph.initializer) <= payloads[-1].index:
+        return None
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    _attach_external_data(external, path.parent.resolve(), path)
+    source = path.resolve()
+    for payload in payloads:
+        tensor = model.graph.initializer[payload.index]
+        _set_external(tensor, path.name, payload.offset, payload.length, source, embedded=True)
+    if check:
+        if external:
+            _check_path(path)
+        else:
+            _check_serialized(_checkable_skeleton(model).SerializeToString())
+    return model
+
+
+def _checkable_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the checker accepts in place of the whole file: each embedded lazy tensor becomes
+    an empty one (dims [0]). Its size, the one thing the checker verifies of its data, was
+    checked exactly by the scan (wire.find_embedded_payloads)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if is_embedded_lazy(tensor):
+            del tensor.dims[:]
+            tensor.dims.append(0)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+    return copy
 
 
 def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
@@ -194,17 +266,27 @@ def _attach_external_data(
 
 
 def _set_external(
-    tensor: onnx.TensorProto, location: str, offset: int, length: int, source: Path
+    tensor: onnx.TensorProto,
+    location: str,
+    offset: int,
+    length: int,
+    source: Path,
+    *,
+    embedded: bool = False,
 ) -> None:
-    """Make `tensor` a lazy external reference (its bytes in `source` at offset/length)."""
+    """Make `tensor` a lazy reference (its bytes in `source` at offset/length); `embedded`
+    when `source` is a model file holding them as raw_data, not an external data file."""
     tensor.ClearField("raw_data")
     del tensor.external_data[:]
-    for key, value in (
+    entries = [
         ("location", location),
         ("offset", str(offset)),
         ("length", str(length)),
         (SOURCE_KEY, str(source)),
-    ):
+    ]
+    if embedded:
+        entries.append((EMBEDDED_KEY, "1"))
+    for key, value in entries:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -218,6 +300,19 @@ def lazy_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
     if SOURCE_KEY not in entries:
         return None
     return Path(entries[SOURCE_KEY]), int(entries.get("offset") or 0), int(entries["length"])
+
+
+def is_embedded_lazy(tensor: onnx.TensorProto) -> bool:
+    """Whether `tensor` is a lazy reference to raw data embedded in a model file."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == EMBEDDED_KEY for e in tensor.external_data
+    )
+
+
+def has_external_files(model: onnx.ModelProto) -> bool:
+    """Whether the model keeps tensors in external data files (loaded, lazily or not, from a
+    model saved with external data); embedded lazy tensors do not count."""
+    return any(uses_external_data(t) and not is_embedded_lazy(t) for t in _all_tensors(model))
 
 
 def is_lazy(model: onnx.ModelProto) -> bool:
@@ -281,8 +376,12 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
         source = lazy_source(tensor)
         if source is not None:
             raw = _read_range(*source)
+            embedded = is_embedded_lazy(tensor)
             del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            if embedded:  # as it was in its file, where data_location was never set
+                tensor.ClearField("data_location")
+            else:
+                tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
     return copy
 
@@ -370,12 +469,15 @@ def save_model(
     """Write a model atomically; external data goes to `<name>.data` beside it when used.
 
     external_data=None decides by size (over ~2 GB); True or False forces the choice. A model
-    with lazily loaded tensors (load_model(..., external_data="lazy")) is saved with external
-    data by streaming: its lazy tensors are copied file to file, its in-memory tensors are
-    written once and then become lazy references to the written file (the model stays usable
-    and equal; only where its bytes live changes). external_data=False on such a model reads
-    everything into memory first. stream=True saves any model that goes to external data that
-    way (no copy of the model; its tensors become references to the written file).
+    with lazily loaded tensors (load_model(..., external_data="lazy")) is saved by streaming:
+    - loaded from external data files (or external_data=True): with external data, its lazy
+      tensors copied file to file, its in-memory tensors written once and then turned into lazy
+      references to the written file (the model stays usable and equal; only where its bytes
+      live changes). external_data=False on such a model reads everything into memory first.
+    - loaded with its weights embedded: embedded again, each lazy tensor's bytes copied from
+      the input file into the output, and then a lazy reference to the output.
+    stream=True saves any model that goes to external data the first way (no copy of the
+    model; its tensors become references to the written file).
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -384,10 +486,20 @@ def save_model(
     if not os.access(folder, os.W_OK):
         raise BadInputError(f"{target}: output folder {folder} is not writable")
     lazy = is_lazy(model)
-    if lazy and external_data is False:
+    inline_stream = False
+    if lazy and external_data is not True and not has_external_files(model):
+        # Weights embedded in the input stay embedded: spliced back from the input file, or
+        # (rarely, see _inline_streamable) read into a copy that is saved the ordinary way.
+        if _inline_streamable(model):
+            inline_stream = True
+        else:
+            model, lazy = materialize(model), False
+    if lazy and not inline_stream and external_data is False:
         model, lazy = materialize(model), False
     serialized: bytes | None = None
-    if lazy:
+    if inline_stream:
+        use_external = False
+    elif lazy:
         use_external = True
         stream = True
     elif external_data is None:
@@ -418,10 +530,16 @@ def save_model(
             )
             if (staging / data_name).exists():  # every tensor under the threshold: none
                 os.replace(staging / data_name, folder / data_name)
+        elif inline_stream:
+            moved = _save_inline_stream(model, staged_model)
         else:
             with open(staged_model, "wb") as fh:
                 fh.write(serialized if serialized is not None else model.SerializeToString())
         os.replace(staged_model, target)
+        if inline_stream:  # the lazy tensors now live in the written file
+            final = target.resolve()
+            for tensor, offset, length in moved:
+                _set_external(tensor, target.name, offset, length, final, embedded=True)
     except OSError as exc:
         raise BadInputError(f"{target}: cannot write ({exc.strerror})") from None
     finally:
@@ -488,11 +606,106 @@ def _save_streaming(
     staged.CopyFrom(model)  # small now: every large tensor is an external reference
     for tensor in _all_tensors(staged):
         if lazy_source(tensor) is not None:
-            kept = [e for e in tensor.external_data if e.key != SOURCE_KEY]
+            kept = [e for e in tensor.external_data if not e.key.startswith(_PRIVATE_PREFIX)]
             del tensor.external_data[:]
             tensor.external_data.extend(kept)
     with open(staged_model, "wb") as fh:
         fh.write(staged.SerializeToString())
+
+
+def _inline_streamable(model: onnx.ModelProto) -> bool:
+    """Whether save_model can write `model` (lazy, no external files) with its lazy tensors
+    spliced back inline: they are all among the main graph's initializers, the whole fits in one
+    protobuf,
+    and no message on the way holds fields this onnx does not know (a piecewise write would
+    lose them)."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    lazy = [t for t in _all_tensors(model) if lazy_source(t) is not None]
+    if sum(lazy_source(t) is not None for t in model.graph.initializer) != len(lazy):
+        return False
+    if _payload_bytes(model) + sum(lazy_source(t)[2] for t in lazy) > EXTERNAL_DATA_THRESHOLD:
+        return False
+    return not any(len(UnknownFieldSet(m)) for m in (model, model.graph, *lazy))
+
+
+def _fields_between(message, low: int, high: int, skip: frozenset[int] = frozenset()) -> bytes:
+    """The serialisation of `message`'s fields numbered in [low, high), but `skip`.
+
+    Protobuf writes fields in number order, so these pieces, concatenated in order around the
+    fields written separately, are the message's own serialisation.
+    """
+    part = type(message)()
+    for field, value in message.ListFields():
+        if not low <= field.number < high or field.number in skip:
+            continue
+        if _is_repeated(field):
+            getattr(part, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+    return part.SerializeToString()
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is gone in 7
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+_NO_FIELD = 1 << 29  # past the largest protobuf field number
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_TENSOR_LAZY_FIELDS = frozenset({13, 14})  # external_data, data_location: dropped inline
+
+
+def _save_inline_stream(
+    model: onnx.ModelProto, staged_model: Path
+) -> list[tuple[onnx.TensorProto, int, int]]:
+    """Write `model` as one .onnx file, each lazy tensor's payload copied from its source
+    file into its raw_data (copy_file_range: the bytes never enter this process). Returns, per
+    lazy tensor, where its payload now is in the written file."""
+    # Each piece is bytes, or a lazy tensor's payload (tensor, source, offset, length).
+    tensors: list[list] = []
+    for tensor in model.graph.initializer:
+        source = lazy_source(tensor)
+        if source is None:
+            tensors.append([tensor.SerializeToString()])
+            continue
+        file, offset, length = source
+        tensors.append(
+            [
+                _fields_between(tensor, 0, _TENSOR_RAW_DATA),
+                wire.encode_len_field(_TENSOR_RAW_DATA, length),
+                (tensor, file, offset, length),
+                _fields_between(tensor, _TENSOR_RAW_DATA + 1, _NO_FIELD, _TENSOR_LAZY_FIELDS),
+            ]
+        )
+    graph_pieces: list = [_fields_between(model.graph, 0, _GRAPH_INITIALIZER)]
+    for pieces in tensors:
+        size = sum(len(p) if isinstance(p, bytes) else p[3] for p in pieces)
+        graph_pieces.append(wire.encode_len_field(_GRAPH_INITIALIZER, size))
+        graph_pieces.extend(pieces)
+    graph_pieces.append(_fields_between(model.graph, _GRAPH_INITIALIZER + 1, _NO_FIELD))
+    graph_size = sum(len(p) if isinstance(p, bytes) else p[3] for p in graph_pieces)
+    pieces = [
+        _fields_between(model, 0, _MODEL_GRAPH),
+        wire.encode_len_field(_MODEL_GRAPH, graph_size),
+        *graph_pieces,
+        _fields_between(model, _MODEL_GRAPH + 1, _NO_FIELD),
+    ]
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    position = 0
+    with open(staged_model, "wb") as out:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                out.write(piece)
+                position += len(piece)
+            else:
+                tensor, file, offset, length = piece
+                _copy_range(file, offset, length, out)
+                moved.append((tensor, position, length))
+                position += length
+    return moved
 
 
 def _copy_range(source: Path, offset: int, length: int, out) -> None:

@@ -10,7 +10,14 @@ import click
 from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
-from bnsurgery.io import is_lazy, load_model, materialize, resolve_output_path, save_model
+from bnsurgery.io import (
+    has_external_files,
+    is_lazy,
+    load_model,
+    materialize,
+    resolve_output_path,
+    save_model,
+)
 from bnsurgery.passes import PassResult
 from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold_report import FoldReport
@@ -110,6 +117,7 @@ def fold_command(
     # original is not needed afterwards, so the pass rewrites it in place (no copy).
     original = load_model(model, external_data="lazy")
     lazy = is_lazy(original)
+    keeps_external = external_data or has_external_files(original)
     result = FoldPass(backward=not no_backward, affine=not no_affine, in_place=not verify)(original)
     report: FoldReport = result.report  # type: ignore[assignment]
     failure: CheckFailed | None = None
@@ -127,11 +135,12 @@ def fold_command(
     written = None
     if failure is None:
         # A model that came with external data keeps it; big tensors are streamed to the .data
-        # file instead of copying the whole model first (see io.save_model).
+        # file instead of copying the whole model first, and weights embedded in the input are
+        # spliced from it into the output (see io.save_model).
         written = save_model(
             result.model,
             target,
-            external_data=True if (external_data or lazy) else None,
+            external_data=True if keeps_external else None,
             stream=True,
         )
     seconds = time.perf_counter() - start
