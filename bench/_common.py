@@ -8,8 +8,8 @@ Generated models are cached under bench/.cache/ (ignored by git).
 
 Every measurement runs in a fresh process: `measure(argv)` spawns it, waits with os.wait4 and
 returns the wall time, that child's own peak RSS (ru_maxrss) and the JSON line it printed, if any.
-`python bench/_common.py worker TASK ...` is the worker those processes run: it times its task
-from the first byte read to the last byte written (imports excluded) and prints one JSON line.
+The tasks those processes run are in bench/_workers.py (`worker_argv`), which imports nothing but
+what each tool needs.
 """
 
 from __future__ import annotations
@@ -381,7 +381,8 @@ def python() -> str:
 
 
 def worker_argv(task: str, *args: str) -> list[str]:
-    return [python(), str(Path(__file__).resolve()), "worker", task, *args]
+    """The command of a fresh process that runs one timed task of bench/_workers.py."""
+    return [python(), str(Path(__file__).resolve().with_name("_workers.py")), task, *args]
 
 
 # -- machine ------------------------------------------------------------------------------------
@@ -425,83 +426,3 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-# -- worker: one timed task in this (fresh) process ---------------------------------------------
-def _task_floor(src: str, dst: str) -> None:
-    model = onnx.load(src)
-    onnx.save(model, dst)
-
-
-def _task_floor_external(src: str, dst: str) -> None:
-    model = onnx.load(src)
-    onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
-              location=Path(dst).name + ".data")  # fmt: skip
-
-
-def _task_api(src: str, dst: str) -> None:
-    import bnsurgery
-
-    result = bnsurgery.fold(src)
-    bnsurgery.save_model(result.model, dst)
-
-
-def _task_onnxoptimizer(src: str, dst: str) -> None:
-    import onnxoptimizer
-
-    onnx.save(onnxoptimizer.optimize(onnx.load(src), ["fuse_bn_into_conv"]), dst)
-
-
-def _task_onnxsim(src: str, dst: str) -> None:
-    import onnxsim
-
-    model, ok = onnxsim.simplify(onnx.load(src))
-    if not ok:
-        raise RuntimeError("onnxsim check failed")
-    onnx.save(model, dst)
-
-
-def _task_onnxscript(src: str, dst: str) -> None:
-    import onnxscript.optimizer
-
-    onnx.save(onnxscript.optimizer.optimize(onnx.load(src)), dst)
-
-
-def _task_ort_basic(src: str, dst: str) -> None:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = dst
-    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-
-
-TASKS: dict[str, Callable[[str, str], None]] = {
-    "floor": _task_floor,
-    "floor_external": _task_floor_external,
-    "api": _task_api,
-    "onnxoptimizer": _task_onnxoptimizer,
-    "onnxsim": _task_onnxsim,
-    "onnxscript": _task_onnxscript,
-    "ort_basic": _task_ort_basic,
-}
-
-
-def _worker(task: str, args: list[str]) -> None:
-    fn = TASKS[task]
-    if task in ("onnxoptimizer", "onnxsim", "onnxscript", "ort_basic", "api"):
-        # import before the clock starts: process start-up is measured by the wall time
-        __import__({"onnxoptimizer": "onnxoptimizer", "onnxsim": "onnxsim",
-                    "ort_basic": "onnxruntime", "onnxscript": "onnxscript.optimizer",
-                    "api": "bnsurgery.passes.fold"}[task])  # fmt: skip
-    start = time.perf_counter()
-    fn(*args)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"task": task, "seconds": seconds}))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "worker":
-        _worker(sys.argv[2], sys.argv[3:])
-    else:
-        print(__doc__)

@@ -6,14 +6,15 @@ and the ResNet-50-sized model of bench/_common.py, on the same 512 seeded random
 once as .npz), each tool runs in a fresh process, round-robin, `--runs` times (median reported):
 
   forward_enable_all   one ORT CPU pass over the samples at ORT_ENABLE_ALL (ORT's default)
-  forward_disable_all  the same at ORT_DISABLE_ALL (the level the re-estimation runs at)
+  forward_disable_all  the same at ORT_DISABLE_ALL
   batch                bnsurgery reestimate MODEL --data D --mode batch --json
   exact                bnsurgery reestimate MODEL --data D --mode exact --json (+ pass count)
   torch_update_bn      torch.optim.swa_utils.update_bn on the same architecture and weights
                        (the ONNX graph rebuilt as torch modules), same data and batch size
 
-Wall time is from spawn to exit for every tool (start-up, imports and data loading included);
-`inner_s` is the tool's own time for the pass itself. Batch size 64 everywhere.
+Wall time is from spawn to exit for every tool (start-up, imports and data loading included;
+the forward passes import onnxruntime and numpy only, bench/_workers.py); `inner_s` is the
+tool's own time for the pass itself. Batch size 64 everywhere.
 
     python bench/reestimate_anchor.py                          # JSON to docs/bench/
     python bench/reestimate_anchor.py --smoke --out /tmp/r.json   # seconds, no torch
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -70,7 +70,7 @@ def commands(tool: str, model: Path, data: Path, out: Path) -> list[str]:
     if tool in ("batch", "exact"):
         return [c.python(), "-m", "bnsurgery", "reestimate", str(model), "--data", str(data),
                 "--mode", tool, "--batch-size", str(BATCH), "-o", str(out), "--json"]  # fmt: skip
-    return [c.python(), str(Path(__file__).resolve()), "worker", tool, str(model), str(data)]
+    return c.worker_argv(tool, str(model), str(data), str(BATCH))
 
 
 def bench_model(name: str, tools: list[str], runs: int, samples: int, tmp: Path) -> dict:
@@ -126,40 +126,6 @@ def targets(model: dict) -> dict[str, bool]:
         out["batch_faster_than_torch"] = r["batch_wall_over_torch_wall"] < 1
         out["exact_faster_than_torch"] = r["exact_wall_over_torch_wall"] < 1
     return out
-
-
-# -- workers (each runs in its own fresh process) -----------------------------------------------
-def _batches(data: Path):
-    with np.load(data) as npz:
-        key = next(iter(npz.files))
-        array = npz[key]
-    return key, [array[i : i + BATCH] for i in range(0, len(array), BATCH)]
-
-
-def _worker_forward(model: str, data: str, level: str) -> float:
-    import onnxruntime as ort
-
-    key, batches = _batches(Path(data))
-    start = time.perf_counter()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level}")
-    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    for batch in batches:
-        sess.run(None, {key: batch})
-    return time.perf_counter() - start
-
-
-def _worker_torch(model: str, data: str) -> float:
-    import onnx
-    import torch
-    from torch.optim.swa_utils import update_bn
-
-    _, batches = _batches(Path(data))
-    start = time.perf_counter()
-    net = torch_from_onnx(onnx.load(model))
-    loader = [torch.from_numpy(b) for b in batches]
-    update_bn(loader, net)
-    return time.perf_counter() - start
 
 
 def torch_from_onnx(model):  # -> torch.nn.Module
@@ -238,20 +204,6 @@ def torch_from_onnx(model):  # -> torch.nn.Module
             return env[model.graph.output[0].name]
 
     return Net()
-
-
-def _worker(task: str, model: str, data: str) -> None:
-    if task.startswith("forward_"):
-        import onnxruntime  # noqa: F401  (imported before the clock, like the CLI's imports)
-
-        seconds = _worker_forward(model, data, task.removeprefix("forward_").upper())
-    elif task == "torch_update_bn":
-        import torch  # noqa: F401
-
-        seconds = _worker_torch(model, data)
-    else:
-        raise SystemExit(f"unknown task {task}")
-    print(json.dumps({"task": task, "seconds": seconds}))
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -336,7 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 5 and sys.argv[1] == "worker":
-        _worker(sys.argv[2], sys.argv[3], sys.argv[4])
-    else:
-        sys.exit(main())
+    sys.exit(main())
