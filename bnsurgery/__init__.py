@@ -3,6 +3,7 @@
 Public API (every function accepts a path, bytes, an onnx.ModelProto or an onnx_ir.Model):
 
     fold(model, ...) -> PassResult            fold BN into neighbouring linear ops
+    fold_file(path, output, ...) -> FoldReport   the same, file to file, weights streamed
     info(model, ...) -> FoldReport            what fold would do, without rewriting
     compare(reference, candidate, ...) -> CompareReport   outputs across models and providers
     insert(model, ...) -> PassResult          BN after Conv/Gemm/..., identity or calibrated
@@ -15,7 +16,8 @@ Public API (every function accepts a path, bytes, an onnx.ModelProto or an onnx_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -67,6 +69,40 @@ def fold(
 
         verify_fold(load_model(model, check=False), result, **verify_options)
     return result
+
+
+def fold_file(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    backward: bool = True,
+    affine: bool = True,
+    verify: bool = False,
+    external_data: bool = False,
+    shapes: Mapping[str, list[int]] | None = None,
+) -> FoldReport:
+    """Fold the model at `model` and write it to `output` (what `bnsurgery fold` does).
+
+    Faster and lighter than fold() + save_model() on large models: weights stay in the input
+    file until the pass reads them, and those it does not rewrite are copied file to file
+    (docs/benchmarks.md, section 1). The output keeps external data when the input had it, or
+    when external_data=True. verify=True runs both models on ONNX Runtime CPU first and raises
+    CheckFailed beyond tolerance, with nothing written. Returns the report.
+    """
+    from bnsurgery.streamed_fold import fold_file_checked
+
+    report, _, failure = fold_file_checked(
+        model,
+        output,
+        backward=backward,
+        affine=affine,
+        verify=verify,
+        external_data=external_data,
+        shapes=shapes,
+    )
+    if failure is not None:
+        raise type(failure)(f"{failure}; {output} was not written")
+    return report
 
 
 def compare(
@@ -134,6 +170,7 @@ __all__ = [
     "adapt",
     "compare",
     "fold",
+    "fold_file",
     "info",
     "insert",
     "load_model",

@@ -318,3 +318,36 @@ def test_save_inline_streaming_leaves_no_private_keys(cut_everything, tmp_path: 
     )
     saved = onnx.load(str(tmp_path / "o.onnx"))
     assert all(not t.external_data and t.raw_data for t in saved.graph.initializer)
+
+
+# -- bnsurgery.fold_file: the CLI's path from Python ----------------------------------------
+
+
+def test_fold_file_writes_what_the_cli_writes(cut_everything, cli, tmp_path: Path) -> None:
+    import bnsurgery
+
+    path = SAMPLES / "resnet_small.onnx"
+    report = bnsurgery.fold_file(path, tmp_path / "api.onnx")
+    code, _, err = cli("fold", path, "-o", tmp_path / "cli.onnx", "--no-verify")
+    assert code == 0, err
+    assert (tmp_path / "api.onnx").read_bytes() == (tmp_path / "cli.onnx").read_bytes()
+    assert report.bns_before == 20 and report.bns_after == 0
+
+
+def test_fold_file_verifies_when_asked(tmp_path: Path) -> None:
+    import bnsurgery
+
+    report = bnsurgery.fold_file(SAMPLES / "digits_cnn.onnx", tmp_path / "o.onnx", verify=True)
+    assert report.verification["ok"]
+
+
+def test_fold_file_mismatch_raises_and_writes_nothing(monkeypatch, tmp_path: Path) -> None:
+    import bnsurgery
+    from bnsurgery.errors import CheckFailed
+    from bnsurgery.passes import fold_math
+
+    real = fold_math.conv_forward
+    monkeypatch.setattr(fold_math, "conv_forward", lambda w, b, s, t: real(w, b, s * 1.01, t))
+    with pytest.raises(CheckFailed, match="was not written"):
+        bnsurgery.fold_file(SAMPLES / "digits_cnn.onnx", tmp_path / "o.onnx", verify=True)
+    assert list(tmp_path.iterdir()) == []

@@ -10,15 +10,8 @@ import click
 from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
-from bnsurgery.io import (
-    has_external_files,
-    is_lazy,
-    load_model,
-    materialize,
-    resolve_output_path,
-    save_model,
-)
-from bnsurgery.passes import PassResult
+from bnsurgery.streamed_fold import fold_file_checked
+from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold_report import FoldReport
 
@@ -113,36 +106,15 @@ def fold_command(
     start = time.perf_counter()
     target = resolve_output_path(model, output, "folded", in_place=in_place)
     shape_overrides = parse_shape_overrides(shapes)
-    # External data stays in its files and is read tensor by tensor; without verification the
-    # original is not needed afterwards, so the pass rewrites it in place (no copy).
-    original = load_model(model, external_data="lazy")
-    lazy = is_lazy(original)
-    keeps_external = external_data or has_external_files(original)
-    result = FoldPass(backward=not no_backward, affine=not no_affine, in_place=not verify)(original)
-    report: FoldReport = result.report  # type: ignore[assignment]
-    failure: CheckFailed | None = None
-    if verify:
-        from bnsurgery.verify import verify_fold
-
-        reference, candidate = original, result
-        if lazy:  # the runtimes need the weights in memory
-            reference = materialize(original)
-            candidate = PassResult(materialize(result.model), report, result.modified)
-        try:
-            verify_fold(reference, candidate, shapes=shape_overrides)
-        except CheckFailed as exc:
-            failure = exc
-    written = None
-    if failure is None:
-        # A model that came with external data keeps it; big tensors are streamed to the .data
-        # file instead of copying the whole model first, and weights embedded in the input are
-        # spliced from it into the output (see io.save_model).
-        written = save_model(
-            result.model,
-            target,
-            external_data=True if keeps_external else None,
-            stream=True,
-        )
+    report, written, failure = fold_file_checked(
+        model,
+        target,
+        backward=not no_backward,
+        affine=not no_affine,
+        verify=verify,
+        external_data=external_data,
+        shapes=shape_overrides,
+    )
     seconds = time.perf_counter() - start
     emit(
         as_json,
