@@ -60,6 +60,9 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 SOURCE_KEY = "bnsurgery.source"
 # Present (value "1") on a lazy tensor whose bytes are embedded in a model file, not external.
 EMBEDDED_KEY = "bnsurgery.embedded"
+# The source file's identity when the reference was made (device, inode, size, mtime): a lazy
+# read checks it, so a file replaced or rewritten since is refused rather than read as garbage.
+STAMP_KEY = "bnsurgery.stamp"
 _PRIVATE_PREFIX = "bnsurgery."
 # Tensors at least this large go to the .data file when a model is saved with external data.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
@@ -138,7 +141,8 @@ def _load_embedded_lazily(path: Path, *, check: bool) -> onnx.ModelProto | None:
     and reports whatever is wrong with it)."""
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
+            stat = os.fstat(fh.fileno())
+            if stat.st_size == 0:
                 return None
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 try:
@@ -161,7 +165,9 @@ def _load_embedded_lazily(path: Path, *, check: bool) -> onnx.ModelProto | None:
     source = path.resolve()
     for payload in payloads:
         tensor = model.graph.initializer[payload.index]
-        _set_external(tensor, path.name, payload.offset, payload.length, source, embedded=True)
+        _set_external(
+            tensor, path.name, payload.offset, payload.length, source, _stamp(stat), embedded=True
+        )
     if check:
         if external:
             _check_path(path)
@@ -250,19 +256,20 @@ def _attach_external_data(
     tensors: list[onnx.TensorProto], base_dir: Path, model_path: Path
 ) -> None:
     """Lazy loading: check every external reference and record its file, reading no data."""
-    sizes: dict[Path, int] = {}
+    stats: dict[Path, os.stat_result] = {}
     for tensor in tensors:
         info = ExternalDataInfo(tensor)
         file = safe_external_path(base_dir, info.location, model_path)
-        if file not in sizes:
-            sizes[file] = file.stat().st_size
+        if file not in stats:
+            stats[file] = file.stat()
+        size = stats[file].st_size
         offset = int(info.offset or 0)
-        length = int(info.length) if info.length else sizes[file] - offset
-        if offset < 0 or length < 0 or offset + length > sizes[file]:
+        length = int(info.length) if info.length else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
             raise BadInputError(
                 f"{model_path}: external data for '{tensor.name}' is truncated in '{info.location}'"
             )
-        _set_external(tensor, info.location, offset, length, file)
+        _set_external(tensor, info.location, offset, length, file, _stamp(stats[file]))
 
 
 def _set_external(
@@ -271,11 +278,13 @@ def _set_external(
     offset: int,
     length: int,
     source: Path,
+    stamp: str,
     *,
     embedded: bool = False,
 ) -> None:
-    """Make `tensor` a lazy reference (its bytes in `source` at offset/length); `embedded`
-    when `source` is a model file holding them as raw_data, not an external data file."""
+    """Make `tensor` a lazy reference (its bytes in `source` at offset/length, `source` as
+    _stamp saw it); `embedded` when `source` is a model file holding them as raw_data, not an
+    external data file."""
     tensor.ClearField("raw_data")
     del tensor.external_data[:]
     entries = [
@@ -283,6 +292,7 @@ def _set_external(
         ("offset", str(offset)),
         ("length", str(length)),
         (SOURCE_KEY, str(source)),
+        (STAMP_KEY, stamp),
     ]
     if embedded:
         entries.append((EMBEDDED_KEY, "1"))
@@ -320,8 +330,28 @@ def is_lazy(model: onnx.ModelProto) -> bool:
     return any(lazy_source(t) is not None for t in _all_tensors(model))
 
 
-def _read_range(file: Path, offset: int, length: int) -> bytes:
-    with open(file, "rb") as fh:
+def _stamp(stat: os.stat_result) -> str:
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _stamp_of(tensor: onnx.TensorProto) -> str | None:
+    return next((e.value for e in tensor.external_data if e.key == STAMP_KEY), None)
+
+
+def _open_source(file: Path, stamp: str | None):
+    """`file` opened for reading, refused if it is not the file a lazy reference was made to."""
+    try:
+        fh = open(file, "rb")  # closed by the caller's with, or below
+    except OSError as exc:
+        raise BadInputError(f"{file}: cannot read weights from it ({exc.strerror})") from None
+    if stamp is not None and _stamp(os.fstat(fh.fileno())) != stamp:
+        fh.close()
+        raise BadInputError(f"{file} changed since the model was loaded; its weights are not read")
+    return fh
+
+
+def _read_range(file: Path, offset: int, length: int, stamp: str | None = None) -> bytes:
+    with _open_source(file, stamp) as fh:
         fh.seek(offset)
         raw = fh.read(length)
     if len(raw) != length:
@@ -340,7 +370,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
         count = int(np.prod(tensor.dims, dtype=np.int64))
         if count * dtype.itemsize != length:
             raise BadInputError(f"external data of '{tensor.name}' does not match its shape")
-        with open(file, "rb") as fh:
+        with _open_source(file, _stamp_of(tensor)) as fh:
             fh.seek(offset)
             array = np.fromfile(fh, dtype=dtype, count=count)
         if array.size != count:
@@ -349,7 +379,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     inline = onnx.TensorProto()
     inline.name, inline.data_type = tensor.name, tensor.data_type
     inline.dims.extend(tensor.dims)
-    inline.raw_data = _read_range(*source)
+    inline.raw_data = _read_range(*source, _stamp_of(tensor))
     return numpy_helper.to_array(inline)
 
 
@@ -375,7 +405,7 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     for tensor in _all_tensors(copy):
         source = lazy_source(tensor)
         if source is not None:
-            raw = _read_range(*source)
+            raw = _read_range(*source, _stamp_of(tensor))
             embedded = is_embedded_lazy(tensor)
             del tensor.external_data[:]
             if embedded:  # as it was in its file, where data_location was never set
@@ -537,9 +567,9 @@ def save_model(
                 fh.write(serialized if serialized is not None else model.SerializeToString())
         os.replace(staged_model, target)
         if inline_stream:  # the lazy tensors now live in the written file
-            final = target.resolve()
+            final, stamp = target.resolve(), _stamp(target.stat())
             for tensor, offset, length in moved:
-                _set_external(tensor, target.name, offset, length, final, embedded=True)
+                _set_external(tensor, target.name, offset, length, final, stamp, embedded=True)
     except OSError as exc:
         raise BadInputError(f"{target}: cannot write ({exc.strerror})") from None
     finally:
@@ -586,7 +616,7 @@ def _save_streaming(
             source = lazy_source(tensor)
             if source is not None:
                 length = source[2]
-                _copy_range(source[0], source[1], length, out)
+                _copy_range(source[0], source[1], length, out, _stamp_of(tensor))
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
                 raw = tensor.raw_data
                 length = len(raw)
@@ -600,8 +630,9 @@ def _save_streaming(
             if pad:
                 out.write(b"\0" * pad)
                 offset += pad
+    stamp = _stamp(staged_data.stat())  # the rename into place keeps the file as it is
     for tensor, start, length in moves:
-        _set_external(tensor, data_name, start, length, final_data)
+        _set_external(tensor, data_name, start, length, final_data, stamp)
     staged = onnx.ModelProto()
     staged.CopyFrom(model)  # small now: every large tensor is an external reference
     for tensor in _all_tensors(staged):
@@ -664,7 +695,7 @@ def _save_inline_stream(
     """Write `model` as one .onnx file, each lazy tensor's payload copied from its source
     file into its raw_data (copy_file_range: the bytes never enter this process). Returns, per
     lazy tensor, where its payload now is in the written file."""
-    # Each piece is bytes, or a lazy tensor's payload (tensor, source, offset, length).
+    # Each piece is bytes, or a lazy payload: (source file, offset, length, stamp, tensor).
     tensors: list[list] = []
     for tensor in model.graph.initializer:
         source = lazy_source(tensor)
@@ -676,17 +707,17 @@ def _save_inline_stream(
             [
                 _fields_between(tensor, 0, _TENSOR_RAW_DATA),
                 wire.encode_len_field(_TENSOR_RAW_DATA, length),
-                (tensor, file, offset, length),
+                (file, offset, length, _stamp_of(tensor), tensor),
                 _fields_between(tensor, _TENSOR_RAW_DATA + 1, _NO_FIELD, _TENSOR_LAZY_FIELDS),
             ]
         )
     graph_pieces: list = [_fields_between(model.graph, 0, _GRAPH_INITIALIZER)]
     for pieces in tensors:
-        size = sum(len(p) if isinstance(p, bytes) else p[3] for p in pieces)
+        size = sum(len(p) if isinstance(p, bytes) else p[2] for p in pieces)
         graph_pieces.append(wire.encode_len_field(_GRAPH_INITIALIZER, size))
         graph_pieces.extend(pieces)
     graph_pieces.append(_fields_between(model.graph, _GRAPH_INITIALIZER + 1, _NO_FIELD))
-    graph_size = sum(len(p) if isinstance(p, bytes) else p[3] for p in graph_pieces)
+    graph_size = sum(len(p) if isinstance(p, bytes) else p[2] for p in graph_pieces)
     pieces = [
         _fields_between(model, 0, _MODEL_GRAPH),
         wire.encode_len_field(_MODEL_GRAPH, graph_size),
@@ -701,17 +732,17 @@ def _save_inline_stream(
                 out.write(piece)
                 position += len(piece)
             else:
-                tensor, file, offset, length = piece
-                _copy_range(file, offset, length, out)
+                file, offset, length, stamp, tensor = piece
+                _copy_range(file, offset, length, out, stamp)
                 moved.append((tensor, position, length))
                 position += length
     return moved
 
 
-def _copy_range(source: Path, offset: int, length: int, out) -> None:
+def _copy_range(source: Path, offset: int, length: int, out, stamp: str | None = None) -> None:
     """Append `length` bytes of `source` from `offset` to the open file `out`."""
     out.flush()
-    with open(source, "rb") as src:
+    with _open_source(source, stamp) as src:
         remaining, position = length, offset
         copy_file_range = getattr(os, "copy_file_range", None)
         while remaining and copy_file_range is not None:

@@ -351,3 +351,39 @@ def test_fold_file_mismatch_raises_and_writes_nothing(monkeypatch, tmp_path: Pat
     with pytest.raises(CheckFailed, match="was not written"):
         bnsurgery.fold_file(SAMPLES / "digits_cnn.onnx", tmp_path / "o.onnx", verify=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a source file that changes under a lazy model ------------------------------------------
+
+
+def _rewrite_same_size(path: Path) -> None:
+    """Replace `path` by a file of the same size (a new inode), as a re-export would."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[::-1])
+
+
+def test_replaced_model_file_is_refused_not_read(cut_everything, tmp_path: Path) -> None:
+    src = tmp_path / "in.onnx"
+    src.write_bytes((SAMPLES / "digits_cnn.onnx").read_bytes())
+    model = io.load_model(src, external_data="lazy")
+    _rewrite_same_size(src)
+    with pytest.raises(BadInputError, match="changed since the model was loaded"):
+        io.save_model(model, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    with pytest.raises(BadInputError, match="changed since"):
+        io.tensor_to_array(model.graph.initializer[0])
+
+
+def test_replaced_external_data_file_is_refused(tmp_path: Path) -> None:
+    model = m.conv_bn(cin=8, cout=16)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    onnx.save_model(copy, str(folder / "net.onnx"), save_as_external_data=True,
+                    location="w.bin", size_threshold=0)  # fmt: skip
+    lazy = io.load_model(folder / "net.onnx", external_data="lazy")
+    _rewrite_same_size(folder / "w.bin")
+    with pytest.raises(BadInputError, match="changed since the model was loaded"):
+        io.save_model(lazy, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

@@ -10,10 +10,10 @@ import click
 from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
-from bnsurgery.streamed_fold import fold_file_checked
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold_report import FoldReport
+from bnsurgery.streamed_fold import fold_file_checked
 
 
 def render_table(report: FoldReport) -> str:
