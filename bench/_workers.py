@@ -40,6 +40,12 @@ def _api(src: str, dst: str) -> None:
     bnsurgery.save_model(result.model, dst)
 
 
+def _api_file(src: str, dst: str) -> None:
+    import bnsurgery
+
+    bnsurgery.fold_file(src, dst)
+
+
 def _onnxoptimizer(src: str, dst: str) -> None:
     import onnx
     import onnxoptimizer
@@ -121,6 +127,7 @@ FOLD_TASKS: dict[str, Callable[[str, str], None]] = {
     "floor": _floor,
     "floor_external": _floor_external,
     "api": _api,
+    "api_file": _api_file,
     "onnxoptimizer": _onnxoptimizer,
     "onnxsim": _onnxsim,
     "onnxscript": _onnxscript,
@@ -131,6 +138,7 @@ FOLD_IMPORTS = {
     "floor": ["onnx"],
     "floor_external": ["onnx"],
     "api": ["bnsurgery", "bnsurgery.passes.fold"],
+    "api_file": ["bnsurgery", "bnsurgery.streamed_fold"],
     "onnxoptimizer": ["onnx", "onnxoptimizer"],
     "onnxsim": ["onnx", "onnxsim"],
     "onnxscript": ["onnx", "onnxscript.optimizer"],

@@ -7,6 +7,7 @@ runs in a fresh process, round-robin, `--runs` times (median reported):
   cli             bnsurgery fold MODEL -o OUT --no-verify       (the speed number)
   cli_verify      bnsurgery fold MODEL -o OUT                   (with ORT verification)
   api             bnsurgery.fold(path) + bnsurgery.save_model   (timed in-process too)
+  api_file        bnsurgery.fold_file(path, out)   (the CLI's streamed path, timed in-process)
   onnxoptimizer   optimize(model, ["fuse_bn_into_conv"]) + save
   onnxsim         onnxsim.simplify(model) + save
   onnxscript      onnxscript.optimizer.optimize(model) + save
@@ -79,14 +80,15 @@ def bench_model(name: str, tools: list[str], runs: int, workdir: Path) -> dict:
 def ratios(summary: dict[str, dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     floor = summary["floor"]
-    for tool in ("cli", "cli_verify", "api"):
+    for tool in ("cli", "cli_verify", "api", "api_file"):
         if tool in summary:
             out[f"{tool}_wall_over_floor_wall"] = summary[tool]["wall_s"] / floor["wall_s"]
             out[f"{tool}_rss_over_floor_rss"] = (
                 summary[tool]["peak_rss_mib"] / floor["peak_rss_mib"]
             )
-    if "api" in summary:
-        out["api_inner_over_floor_inner"] = summary["api"]["inner_s"] / floor["inner_s"]
+    for tool in ("api", "api_file"):
+        if tool in summary:
+            out[f"{tool}_inner_over_floor_inner"] = summary[tool]["inner_s"] / floor["inner_s"]
     for anchor in ANCHORS:
         if anchor not in summary:
             continue
@@ -159,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.runs, args.anchors = "small_stack", 2, "none"
     requested = [] if args.anchors == "none" else [a for a in args.anchors.split(",") if a]
     anchors, missing = available_anchors(requested)
-    tools = ["floor", "cli", *([] if args.no_verify_run else ["cli_verify"]), "api", *anchors]
+    tools = [
+        "floor",
+        "cli",
+        *([] if args.no_verify_run else ["cli_verify"]),
+        "api",
+        "api_file",
+        *anchors,
+    ]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bnsurgery-bench-") as tmp:
         models = [bench_model(m, tools, args.runs, Path(tmp)) for m in args.models.split(",")]
