@@ -419,18 +419,23 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check_serialized(data: bytes) -> None:
     try:
         onnx.checker.check_model(data)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
         raise _checker_failure(exc) from None
 
 
 def _check_path(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
         raise _checker_failure(exc) from None
 
 
 def _checker_failure(exc: Exception) -> BadInputError:
+    if isinstance(exc, UnicodeDecodeError):  # the checker's error text, decoded, was not UTF-8
+        return BadInputError(
+            "model fails the ONNX checker, whose message quotes bytes that are not UTF-8 "
+            "(a damaged name or string)"
+        )
     message = " ".join(str(exc).split()) or "invalid model"  # one line, all of it
     if len(message) > 400:
         message = message[:397] + "..."
@@ -444,7 +449,7 @@ def check_model(model: onnx.ModelProto) -> None:
             _check_large(model)
         else:
             onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
         raise _checker_failure(exc) from None
 
 

@@ -425,3 +425,39 @@ def test_every_cuttable_type_and_subgraphs_round_trip(cut_everything, tmp_path: 
         assert io.tensor_to_array(tensor).tobytes() == values[tensor.name].tobytes()
     io.save_model(lazy, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(cut=st.integers(0, 3000), junk=st.binary(min_size=1, max_size=4))
+def test_damaged_file_loads_lazily_as_it_loads_whole(
+    cut_everything, tmp_path: Path, cut: int, junk: bytes
+) -> None:
+    """Whatever the damage, the lazy load and the whole load agree: both refuse it (exit 2), or
+    both give the same model."""
+    data = (SAMPLES / "digits_mlp.onnx").read_bytes()
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(data[:cut] + junk + data[cut + len(junk) :])
+    outcomes = []
+    for mode in ("lazy", "load"):
+        try:
+            model = io.load_model(path, external_data=mode)
+            outcomes.append(io.materialize(model).SerializeToString())
+        except BadInputError:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
+
+
+def test_checker_failure_quoting_bad_utf8_is_one_line_exit_2(cli, tmp_path: Path) -> None:
+    """Found by the property above: the checker's message quoted a damaged name, and pybind11
+    could not decode it; that is the checker refusing the model, not a crash."""
+    data = (SAMPLES / "digits_mlp.onnx").read_bytes()
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(data[:35] + b"\x80" + data[36:])
+    before = path.read_bytes()
+    code, _, err = cli("fold", path, "-o", tmp_path / "out.onnx")
+    assert code == 2 and "fails the ONNX checker" in err and len(err.strip().splitlines()) == 1
+    assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
