@@ -39,6 +39,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from bnsurgery import wire
 from bnsurgery.errors import BadInputError, UnsafePathError, UsageError
+from bnsurgery.proto_text import first_non_text_name
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto  # or an onnx_ir.Model
 
@@ -199,6 +200,9 @@ def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
         raise BadInputError(f"{label}: not an ONNX model (protobuf parse failed)") from None
     if not model.HasField("graph") or not model.opset_import:
         raise BadInputError(f"{label}: not an ONNX model (no graph or no opset_import)")
+    damaged = first_non_text_name(model)
+    if damaged is not None:
+        raise BadInputError(f"{label}: not a valid ONNX model (the {damaged} is not UTF-8 text)")
     return model
 
 
