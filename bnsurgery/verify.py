@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnsurgery.data import random_batches
-from bnsurgery.errors import CheckFailed
+from bnsurgery.errors import BadInputError, CheckFailed
 from bnsurgery.harness.metrics import compare_arrays
 from bnsurgery.passes import PassResult
 
@@ -38,12 +38,25 @@ def run_pair(
     onnx.reference for both (fp64 Conv, bf16 and other kernels ORT lacks)."""
     try:
         return _run_ort(original, feeds), _run_ort(rewritten, feeds), ORT_ENGINE
-    except Exception as exc:  # a missing kernel, not a wrong model: both were checked
+    except Exception as exc:  # usually a missing kernel (fp64 Conv, bf16): try the reference
         from bnsurgery.reference import run_reference
 
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         engine = f"onnx.reference (onnxruntime could not run the models: {reason})"
-        return run_reference(original, feeds), run_reference(rewritten, feeds), engine
+        try:
+            return run_reference(original, feeds), run_reference(rewritten, feeds), engine
+        except NotImplementedError:
+            raise
+        except Exception as ref_exc:  # neither engine runs it: the model itself is broken
+            raise BadInputError(
+                f"cannot run the model to verify it: onnxruntime: {reason}; "
+                f"onnx.reference: {_first_line(ref_exc)}"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def output_errors(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import onnx
 
 from bnsurgery.checks import Finding, Skip, check
 from bnsurgery.checks.context import ValidationContext, describe_mismatch
-from bnsurgery.errors import BnSurgeryError
+from bnsurgery.errors import BadInputError, BnSurgeryError
 from bnsurgery.graph import GraphIndex, iter_scopes
 from bnsurgery.passes import fold_math as fm
 from bnsurgery.passes.fold_report import FOLDED, BnDecision
@@ -212,6 +212,8 @@ def _verify_with_reference(
 
     try:
         outcome = verify_equivalent(ctx.model, folded, seed=ctx.seed, shapes=ctx.shapes)
+    except BadInputError as exc:  # neither engine can run it: say so, as for other failures
+        raise Skip(f"the model could not be run ({type(cause).__name__}; {exc})") from exc
     except BnSurgeryError:
         raise
     except Exception as exc:

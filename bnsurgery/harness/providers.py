@@ -205,7 +205,9 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
     options.execution_order = getattr(ort.ExecutionOrder, EXECUTION_ORDERS[config.execution_order])
-    options.log_severity_level = 3
+    # FATAL only: ORT logs a failing kernel to stderr before raising, and the raised error is
+    # what the one-line message reports (a second, multi-line copy would break that contract).
+    options.log_severity_level = 4
     if config.shared_cpu_arena:
         from bnsurgery.harness.arena import USE_ENV_ALLOCATORS
 

@@ -1,0 +1,52 @@
+"""A model that passes the ONNX checker but that no engine can run (a Conv whose group does not
+match its weight): every command says so in one line, and ORT's own log stays silent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models as m
+import onnx
+import pytest
+from onnx import helper
+
+
+@pytest.fixture
+def unrunnable(tmp_path: Path) -> Path:
+    model = m.conv_bn(cin=4, cout=4)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("group", 3))  # 4 channels cannot split in 3
+    onnx.checker.check_model(model)  # valid as far as the checker goes
+    path = tmp_path / "net.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_fold_verify_refuses_in_one_line(cli, unrunnable: Path, tmp_path: Path) -> None:
+    before = unrunnable.read_bytes()
+    code, _, err = cli("fold", unrunnable, "-o", tmp_path / "out.onnx")
+    assert code == 2 and err.startswith("bnsurgery: error: cannot run the model to verify it")
+    assert len(err.strip().splitlines()) == 1
+    assert unrunnable.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+def test_ort_log_stays_silent(unrunnable: Path, tmp_path: Path) -> None:
+    """ORT logs a failing kernel to the process's stderr (file descriptor 2) from C++, where
+    capsys cannot see it: run the command in a subprocess."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnsurgery", "fold", str(unrunnable), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2 and "[E:onnxruntime" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_validate_reports_instead_of_stopping(cli, unrunnable: Path) -> None:
+    code, _, err = cli("validate", unrunnable, "--json")
+    assert code == 1 and "validation FAILED" in err
