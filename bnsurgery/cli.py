@@ -19,7 +19,13 @@ from typing import Any
 import click
 
 from bnsurgery import __version__
-from bnsurgery.errors import EXIT_BAD_INPUT, BnSurgeryError, UsageError
+from bnsurgery.errors import (
+    EXIT_BAD_INPUT,
+    BnSurgeryError,
+    UsageError,
+    first_line,
+    is_onnxruntime_error,
+)
 
 # name -> (module, attribute) of every command; each module defines one click command. They
 # are imported only when used, so `bnsurgery fold` does not pay for the harness and validate.
@@ -234,11 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unforeseen input: one line unless -vv
         if verbose > 1:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(
-            f"bnsurgery: error: {type(exc).__name__}: {first} (run with -vv for details)",
-            err=True,
-        )
+        if is_onnxruntime_error(exc):  # ORT rejected or could not run the model: bad input
+            message = f"ONNX Runtime cannot run the model: {first_line(exc)}"
+        else:
+            message = f"{type(exc).__name__}: {first_line(exc)} (run with -vv for details)"
+        click.echo(f"bnsurgery: error: {message}", err=True)
         code = EXIT_BAD_INPUT
     sys.stdout.flush()
     return code

@@ -42,3 +42,15 @@ class CheckFailed(BnSurgeryError):
     """A check ran and failed: verification mismatch, compare beyond tolerance, validate errors."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """An error raised by onnxruntime itself (a kernel it lacks, a model it rejects), as
+    opposed to a bug on our side."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

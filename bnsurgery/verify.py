@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnsurgery.data import random_batches
-from bnsurgery.errors import BadInputError, CheckFailed
+from bnsurgery.errors import BadInputError, CheckFailed, first_line
 from bnsurgery.harness.metrics import compare_arrays
 from bnsurgery.passes import PassResult
 
@@ -55,8 +55,7 @@ def run_pair(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
+    return first_line(exc)[:160] or type(exc).__name__
 
 
 def output_errors(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:

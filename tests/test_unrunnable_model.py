@@ -50,3 +50,9 @@ def test_ort_log_stays_silent(unrunnable: Path, tmp_path: Path) -> None:
 def test_validate_reports_instead_of_stopping(cli, unrunnable: Path) -> None:
     code, _, err = cli("validate", unrunnable, "--json")
     assert code == 1 and "validation FAILED" in err
+
+
+def test_compare_says_ort_cannot_run_it(cli, unrunnable: Path) -> None:
+    code, _, err = cli("compare", unrunnable, unrunnable)
+    assert code == 2 and err.startswith("bnsurgery: error: ONNX Runtime cannot run the model:")
+    assert len(err.strip().splitlines()) == 1 and "-vv" not in err

@@ -18,7 +18,7 @@ import onnx
 
 from bnsurgery.bn import BatchNormView, BnParams, check_param_shapes
 from bnsurgery.checks import Skip
-from bnsurgery.errors import BnSurgeryError
+from bnsurgery.errors import BnSurgeryError, is_onnxruntime_error
 from bnsurgery.graph import GraphIndex, Scope, iter_scopes
 from bnsurgery.passes import PassResult
 
@@ -243,12 +243,6 @@ class ValidationContext:
                 if note not in self.notes:
                     self.notes.append(note)
         return self._data_source
-
-
-def is_onnxruntime_error(exc: BaseException) -> bool:
-    """An error raised by onnxruntime itself (a kernel it lacks, a model it rejects), as
-    opposed to a bug on our side."""
-    return type(exc).__module__.startswith("onnxruntime")
 
 
 def _describe(data: Any) -> str:
