@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,14 +243,17 @@ class StatsSet:
                 names = [str(n) for n in data["names"]]
                 channels = data["channels"]
                 counts = data["counts"]
+                if channels.shape != (len(names),) or counts.shape != (len(names),):
+                    raise DataError(f"{source}: names, channels and counts differ in length")
                 entries: dict[str, Moments] = {}
                 for i, name in enumerate(names):
                     mean, m2 = data[f"mean_{i}"], data[f"m2_{i}"]
                     if mean.shape != (int(channels[i]),) or m2.shape != mean.shape:
                         raise DataError(f"{source}: entry {name!r} has inconsistent shapes")
+                    _check_moments(source, name, mean, m2)
                     entries[name] = Moments(int(counts[i]), mean, m2)
                 return cls(str(data["mode"]), entries, int(data["samples"]))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise DataError(f"{source}: unreadable statistics file ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +264,17 @@ class StatsSet:
                 name: {"count": m.count, "channels": m.channels} for name, m in self.entries.items()
             },
         }
+
+
+def _check_moments(source: Path, name: str, mean: np.ndarray, m2: np.ndarray) -> None:
+    """Moments a file may hold: float, finite, and M2 (a sum of squares) never negative; a
+    NaN applied as a BN mean would silently break every output."""
+    if mean.dtype.kind != "f" or m2.dtype.kind != "f":
+        raise DataError(f"{source}: entry {name!r} holds {mean.dtype}/{m2.dtype}, not floats")
+    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+        raise DataError(f"{source}: entry {name!r} has NaN or infinite moments")
+    if (m2 < 0).any():
+        raise DataError(f"{source}: entry {name!r} has a negative sum of squares (M2)")
 
 
 def merge_files(paths: Iterable[str | os.PathLike[str]]) -> StatsSet:

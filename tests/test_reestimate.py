@@ -654,6 +654,23 @@ def test_cli_bad_input_exits_2_with_one_line(cli, files, tmp_path, args, message
     assert not model.with_name("net.reestimated.onnx").exists()
 
 
+@pytest.mark.parametrize("count", [0, 1])
+def test_cli_stats_with_too_few_values_are_refused(cli, files, tmp_path, count):
+    """Found by fuzzing: a statistics file whose counts are 0 or 1 was applied, writing NaN
+    variances with exit 0."""
+    model, data = files
+    code, _, err = cli("reestimate", model, "--data", data, "--save-stats", tmp_path / "s.npz",
+                       "-o", tmp_path / "first.onnx")  # fmt: skip
+    assert code == 0, err
+    arrays = dict(np.load(tmp_path / "s.npz"))
+    arrays["counts"] = np.full_like(arrays["counts"], count)
+    np.savez(tmp_path / "few.npz", **arrays)
+    code, _, err = cli("reestimate", model, "--stats", tmp_path / "few.npz",
+                       "-o", tmp_path / "out.onnx")  # fmt: skip
+    assert code == 2 and "statistics need at least 2" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
+
+
 def test_cli_no_bn_and_training_mode(cli, write_model, tmp_path):
     nobn = write_model(onnx.load(SAMPLES / "digits_cnn_nobn.onnx"), "nobn.onnx")
     code, _, err = cli("reestimate", nobn, "--data", "random:4")

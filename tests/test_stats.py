@@ -159,6 +159,38 @@ def test_a_non_stats_file_is_refused(tmp_path):
         StatsSet.load(tmp_path / "junk.npz")
 
 
+def _tampered(tmp_path, change) -> object:
+    path = _set().save(tmp_path / "good.npz")
+    arrays = dict(np.load(path))
+    change(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    return tmp_path / "bad.npz"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.__setitem__("mean_0", np.full_like(a["mean_0"], np.nan)), "NaN or infinite"),
+        (lambda a: a.__setitem__("m2_1", np.full_like(a["m2_1"], np.inf)), "NaN or infinite"),
+        (lambda a: a.__setitem__("m2_0", -a["m2_0"] - 1), "negative sum of squares"),
+        (lambda a: a.__setitem__("mean_0", a["mean_0"].astype(np.int64)), "not floats"),
+        (lambda a: a.__setitem__("counts", a["counts"][:1]), "differ in length"),
+        (lambda a: a.__setitem__("channels", a["channels"][:1]), "differ in length"),
+    ],
+)
+def test_a_tampered_stats_file_is_refused(tmp_path, change, message):
+    """Found by fuzzing: a NaN mean was applied as is (exit 0, a model that outputs NaN), and a
+    shortened channels or counts array crashed with an IndexError."""
+    with pytest.raises(DataError, match=message):
+        StatsSet.load(_tampered(tmp_path, change))
+
+
+def test_a_zip_that_is_not_npz_is_refused(tmp_path):
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 and then nothing of a zip")
+    with pytest.raises(DataError, match="unreadable"):
+        StatsSet.load(tmp_path / "broken.npz")
+
+
 def test_merge_stats_cli(tmp_path, cli):
     a = _set(seed=0).save(tmp_path / "a.npz")
     b = _set(seed=2).save(tmp_path / "b.npz")

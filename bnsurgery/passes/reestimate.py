@@ -1464,6 +1464,14 @@ class ReestimatePass:
         if saved.mode != self.mode and saved.mode in MODES:
             report.mode = saved.mode
         report.samples = saved.samples
+        label = report.stats_file or "the statistics"
+        for t in targets:
+            count = subset.entries[t.key].count
+            if count < MIN_SAMPLES:  # a variance needs two values; fewer would write NaN
+                raise DataError(
+                    f"{label}: BatchNormalization '{t.key}' has {count} value(s) per channel; "
+                    f"statistics need at least {MIN_SAMPLES}"
+                )
         for t in targets:
             self._write(writer, t, subset.entries[t.key], saved.samples)
         return subset.entries
