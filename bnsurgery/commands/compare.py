@@ -98,7 +98,9 @@ Example:
     "--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ORT default)."
 )
 @click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, help="0: ORT default.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for random data."
+)
 @json_option
 @click.pass_context
 def compare_command(

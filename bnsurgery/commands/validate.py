@@ -68,7 +68,9 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
     "--skip", "skip", multiple=True, metavar="CHECK", help="Leave a check out (repeatable)."
 )
 @shape_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random data.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of random data."
+)
 @click.option("--no-plugins", is_flag=True, help="Run only the built-in checks.")
 @json_option
 @click.pass_context
