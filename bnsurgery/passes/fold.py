@@ -133,7 +133,10 @@ class FoldPass:
         # which folding never changes (every name keeps its meaning and its rank).
         working = model if self.in_place else copy.deepcopy(model)
         folder = _ModelFolder(working, original=model, backward=self.backward, affine=self.affine)
-        report = folder.run()
+        # Non-finite and out-of-range results are refused explicitly (cast_checked: "overflow"),
+        # so numpy's own warnings about them would only be noise on stderr.
+        with np.errstate(all="ignore"):
+            report = folder.run()
         report.seconds = time.perf_counter() - start
         return PassResult(working, report, modified=bool(report.folded or report.affine_folds))
 
