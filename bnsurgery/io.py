@@ -212,10 +212,23 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return list(_get_all_tensors(model))
 
 
+def _external_info(tensor: onnx.TensorProto, model_path: Path) -> ExternalDataInfo:
+    """The tensor's external_data entries, a malformed one (an offset that is not a
+    non-negative integer, ...) being bad input."""
+    try:
+        return ExternalDataInfo(tensor)
+    except ValueError as exc:
+        raise BadInputError(
+            f"{model_path}: external data of '{tensor.name}' is malformed ({exc})"
+        ) from None
+
+
 def safe_external_path(base_dir: Path, location: str, model_path: Path | str) -> Path:
     """Resolve an external-data location, refusing anything that leaves the model's folder."""
     if not location:
         raise UnsafePathError(f"{model_path}: external data with an empty location")
+    if "\0" in location:
+        raise UnsafePathError(f"{model_path}: external data path contains a NUL character")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
         raise UnsafePathError(f"{model_path}: external data path '{location}' is absolute")
     if ".." in Path(location.replace("\\", "/")).parts:
@@ -236,7 +249,7 @@ def _load_external_data(tensors: list[onnx.TensorProto], base_dir: Path, model_p
     handles: dict[Path, object] = {}
     try:
         for tensor in tensors:
-            info = ExternalDataInfo(tensor)
+            info = _external_info(tensor, model_path)
             file = safe_external_path(base_dir, info.location, model_path)
             if file not in handles:
                 handles[file] = open(file, "rb")
@@ -262,7 +275,7 @@ def _attach_external_data(
     """Lazy loading: check every external reference and record its file, reading no data."""
     stats: dict[Path, os.stat_result] = {}
     for tensor in tensors:
-        info = ExternalDataInfo(tensor)
+        info = _external_info(tensor, model_path)
         file = safe_external_path(base_dir, info.location, model_path)
         if file not in stats:
             stats[file] = file.stat()

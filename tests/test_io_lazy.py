@@ -171,3 +171,27 @@ def test_copying_fold_leaves_the_model_alone() -> None:
     before = model.SerializeToString()
     FoldPass()(model)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("offset", "abc", "malformed"),
+        ("offset", "-1", "malformed"),
+        ("length", "", "malformed"),
+        ("length", "-5", "malformed"),
+        ("location", "w\0.bin", "NUL"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["load", "lazy"])
+def test_malformed_external_data_entries_are_bad_input(tmp_path, key, value, message, mode):
+    """Found by fuzzing: these reached onnx's ExternalDataInfo or the OS as a ValueError."""
+    path = save_external(chain(), tmp_path / "src")
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.external_data)
+    for entry in tensor.external_data:
+        if entry.key == key:
+            entry.value = value
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadInputError, match=message):
+        io.load_model(path, external_data=mode)
