@@ -186,6 +186,25 @@ def test_fp16_model_statistics_are_accurate_to_fp16_activations():
     _assert_close(_stats(result), expected, tol=2e-3)
 
 
+def test_fp16_variance_past_the_fp16_range_is_refused():
+    """Activations of scale ~400 have a variance past fp16's 65504: writing it would store inf
+    (found by fuzzing adapt). The statistics are float64; the cast to the BN's dtype is checked."""
+    model = models.conv_bn_typed(models.F16)
+    x = np.random.default_rng(3).normal(0, 400, (8, 3, 5, 5)).astype(np.float16)
+    with pytest.raises(DataError, match=r"re-estimated variance .* is not finite in float16"):
+        reestimate(model, {"x": x})
+
+
+def test_integer_bn_statistics_are_refused():
+    """Found by fuzzing: a BN whose mean is stored as int64 crashed the checked cast."""
+    model = models.conv_bn()
+    mean = next(t for t in model.graph.initializer if t.name == model.graph.node[1].input[3])
+    mean.CopyFrom(onnx.numpy_helper.from_array(np.zeros(mean.dims, np.int64), mean.name))
+    x = np.random.default_rng(0).normal(0, 1, (8, 4, 7, 7)).astype(np.float32)
+    with pytest.raises(BadInputError, match="int64"):
+        reestimate(model, {"x": x})
+
+
 def test_the_input_model_is_not_modified(net, images):
     before = net.SerializeToString()
     reestimate(net, {"x": images}, batch_size=16)

@@ -43,6 +43,7 @@ from bnsurgery.graph import (
     node_inputs_with_implicit,
 )
 from bnsurgery.passes import PassResult, register
+from bnsurgery.passes.fold_math import cast_checked
 from bnsurgery.stats import Moments, StatsSet
 
 MODES = ("exact", "batch")
@@ -270,10 +271,23 @@ class ParamWriter:
     def write(self, target: BnTarget, slot: int, value: np.ndarray) -> None:
         name = target.node.input[slot]
         tensor = self._inits[name]
-        new = numpy_helper.from_array(
-            _cast(value, tensor.data_type).reshape(tuple(tensor.dims)), name
-        )
-        tensor.CopyFrom(new)
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        # float64 statistics, cast with a range check: a statistic past the stored dtype's range
+        # (activations that overflow it) would be written as inf and break every output.
+        label = ("scale", "B", "mean", "variance")[slot - 1]
+        try:
+            cast = cast_checked(np.asarray(value, dtype=np.float64), np_dtype)
+        except ValueError:  # not a floating-point type: no range to cast statistics into
+            raise DataError(
+                f"BatchNormalization '{target.key}' stores its {label} as "
+                f"{np.dtype(np_dtype).name}; statistics need a floating-point type"
+            ) from None
+        if cast is None:
+            raise DataError(
+                f"the re-estimated {label} of BatchNormalization '{target.key}' is not finite "
+                f"in {np.dtype(np_dtype).name} (the activations at its input overflow it)"
+            )
+        tensor.CopyFrom(numpy_helper.from_array(cast.reshape(tuple(tensor.dims)), name))
 
 
 def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
