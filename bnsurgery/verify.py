@@ -8,6 +8,7 @@ bf16) fall back to onnx.reference. Tolerances are DESIGN.md §6's, by output dty
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +86,8 @@ def verify_equivalent(
     feeds = next(iter(random_batches(original, samples, seed=seed, shapes=shapes)))
     # NaN or inf in a model's outputs is judged below like any other value; numpy's warnings
     # about it (onnx.reference computes in numpy) would only be noise on stderr.
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         ref_out, new_out, engine = run_pair(original, rewritten, feeds)
         per_output = {}
         for name, ref in ref_out.items():
@@ -93,6 +95,13 @@ def verify_equivalent(
                 per_output[name] = {"missing": True, "ok": False}
                 continue
             per_output[name] = output_errors(ref, new_out[name])
+    if ref_out and not any(np.isfinite(v).any() for v in ref_out.values()):
+        # Nothing to compare: agreeing NaNs would read as a perfect match.
+        shapes_seen = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        raise BadInputError(
+            f"cannot verify: the original model gives no finite output value on random inputs "
+            f"({shapes_seen}); give the real input shapes with --shape, or use --no-verify"
+        )
     finite = [v for v in per_output.values() if "max_abs" in v]
     return {
         "ok": all(v["ok"] for v in per_output.values()),

@@ -56,3 +56,34 @@ def test_compare_says_ort_cannot_run_it(cli, unrunnable: Path) -> None:
     code, _, err = cli("compare", unrunnable, unrunnable)
     assert code == 2 and err.startswith("bnsurgery: error: ONNX Runtime cannot run the model:")
     assert len(err.strip().splitlines()) == 1 and "-vv" not in err
+
+
+@pytest.fixture
+def nan_outputs(tmp_path: Path) -> Path:
+    """Conv -> BN, then sqrt(-|y|): every output is NaN, on any input."""
+    model = m.conv_bn()
+    out = model.graph.output[0]
+    y = out.name
+    model.graph.node.extend(
+        [
+            helper.make_node("Abs", [y], ["y_abs"]),
+            helper.make_node("Neg", ["y_abs"], ["y_neg"]),
+            helper.make_node("Sqrt", ["y_neg"], ["nan_out"]),
+        ]
+    )
+    out.name = "nan_out"
+    onnx.checker.check_model(model)
+    path = tmp_path / "nan.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_fold_does_not_call_agreeing_nans_a_verification(cli, nan_outputs: Path, tmp_path):
+    """Found by fuzzing: all-NaN outputs on both sides read as 'verification: ok, max abs
+    error 0'."""
+    out = tmp_path / "out.onnx"
+    code, _, err = cli("fold", nan_outputs, "-o", out)
+    assert code == 2 and "no finite output value" in err and "--shape" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    code, _, err = cli("fold", nan_outputs, "-o", out, "--no-verify")
+    assert code == 0 and out.exists(), err
