@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import onnx
@@ -163,11 +163,11 @@ def _load_embedded_lazily(path: Path, *, check: bool) -> onnx.ModelProto | None:
         return None
     external = [t for t in _all_tensors(model) if uses_external_data(t)]
     _attach_external_data(external, path.parent.resolve(), path)
-    source = path.resolve()
+    source, stamp = path.resolve(), _stamp(stat)
     for payload in payloads:
         tensor = model.graph.initializer[payload.index]
         _set_external(
-            tensor, path.name, payload.offset, payload.length, source, _stamp(stat), embedded=True
+            tensor, path.name, payload.offset, payload.length, source, stamp, embedded=True
         )
     if check:
         if external:
@@ -319,14 +319,28 @@ def _set_external(
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
-def lazy_source(tensor: onnx.TensorProto) -> tuple[Path, int, int] | None:
-    """(file, offset, length) of a lazily loaded tensor, or None for an in-memory tensor."""
+class LazySource(NamedTuple):
+    """Where a lazily loaded tensor's bytes are: `file` at offset/length, as `stamp` saw it."""
+
+    file: Path
+    offset: int
+    length: int
+    stamp: str | None
+
+
+def lazy_source(tensor: onnx.TensorProto) -> LazySource | None:
+    """Where a lazily loaded tensor's bytes are, or None for an in-memory tensor."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
     entries = {e.key: e.value for e in tensor.external_data}
     if SOURCE_KEY not in entries:
         return None
-    return Path(entries[SOURCE_KEY]), int(entries.get("offset") or 0), int(entries["length"])
+    return LazySource(
+        Path(entries[SOURCE_KEY]),
+        int(entries.get("offset") or 0),
+        int(entries["length"]),
+        entries.get(STAMP_KEY),
+    )
 
 
 def is_embedded_lazy(tensor: onnx.TensorProto) -> bool:
@@ -351,10 +365,6 @@ def _stamp(stat: os.stat_result) -> str:
     return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _stamp_of(tensor: onnx.TensorProto) -> str | None:
-    return next((e.value for e in tensor.external_data if e.key == STAMP_KEY), None)
-
-
 def _open_source(file: Path, stamp: str | None):
     """`file` opened for reading, refused if it is not the file a lazy reference was made to."""
     try:
@@ -367,12 +377,12 @@ def _open_source(file: Path, stamp: str | None):
     return fh
 
 
-def _read_range(file: Path, offset: int, length: int, stamp: str | None = None) -> bytes:
-    with _open_source(file, stamp) as fh:
-        fh.seek(offset)
-        raw = fh.read(length)
-    if len(raw) != length:
-        raise BadInputError(f"external data file {file} changed while in use (truncated)")
+def _read_range(source: LazySource) -> bytes:
+    with _open_source(source.file, source.stamp) as fh:
+        fh.seek(source.offset)
+        raw = fh.read(source.length)
+    if len(raw) != source.length:
+        raise BadInputError(f"external data file {source.file} changed while in use (truncated)")
     return raw
 
 
@@ -383,20 +393,21 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     dtype = _PLAIN_DTYPES.get(tensor.data_type)
     if dtype is not None and np.little_endian:  # read straight into the array: one copy
-        file, offset, length = source
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        if count * dtype.itemsize != length:
+        if count * dtype.itemsize != source.length:
             raise BadInputError(f"external data of '{tensor.name}' does not match its shape")
-        with _open_source(file, _stamp_of(tensor)) as fh:
-            fh.seek(offset)
+        with _open_source(source.file, source.stamp) as fh:
+            fh.seek(source.offset)
             array = np.fromfile(fh, dtype=dtype, count=count)
         if array.size != count:
-            raise BadInputError(f"external data file {file} changed while in use (truncated)")
+            raise BadInputError(
+                f"external data file {source.file} changed while in use (truncated)"
+            )
         return array.reshape(tuple(tensor.dims))
     inline = onnx.TensorProto()
     inline.name, inline.data_type = tensor.name, tensor.data_type
     inline.dims.extend(tensor.dims)
-    inline.raw_data = _read_range(*source, _stamp_of(tensor))
+    inline.raw_data = _read_range(source)
     return numpy_helper.to_array(inline)
 
 
@@ -422,7 +433,7 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     for tensor in _all_tensors(copy):
         source = lazy_source(tensor)
         if source is not None:
-            raw = _read_range(*source, _stamp_of(tensor))
+            raw = _read_range(source)
             embedded = is_embedded_lazy(tensor)
             del tensor.external_data[:]
             if embedded:  # as it was in its file, where data_location was never set
@@ -433,17 +444,22 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+# What the checker raises on a bad model: its own error, or, when its message quotes bytes of
+# the model that are not UTF-8, pybind11's failure to decode that message.
+_CHECKER_ERRORS = (onnx.checker.ValidationError, UnicodeDecodeError)
+
+
 def _check_serialized(data: bytes) -> None:
     try:
         onnx.checker.check_model(data)
-    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
+    except _CHECKER_ERRORS as exc:
         raise _checker_failure(exc) from None
 
 
 def _check_path(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
+    except _CHECKER_ERRORS as exc:
         raise _checker_failure(exc) from None
 
 
@@ -466,7 +482,7 @@ def check_model(model: onnx.ModelProto) -> None:
             _check_large(model)
         else:
             onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
+    except _CHECKER_ERRORS as exc:
         raise _checker_failure(exc) from None
 
 
@@ -637,8 +653,8 @@ def _save_streaming(
         for tensor in _all_tensors(model):
             source = lazy_source(tensor)
             if source is not None:
-                length = source[2]
-                _copy_range(source[0], source[1], length, out, _stamp_of(tensor))
+                length = source.length
+                _copy_range(source, out)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
                 raw = tensor.raw_data
                 length = len(raw)
@@ -674,12 +690,13 @@ def _inline_streamable(model: onnx.ModelProto) -> bool:
     lose them)."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
-    lazy = [t for t in _all_tensors(model) if lazy_source(t) is not None]
+    lazy = {id(t): (t, s) for t in _all_tensors(model) if (s := lazy_source(t)) is not None}
     if sum(lazy_source(t) is not None for t in model.graph.initializer) != len(lazy):
         return False
-    if _payload_bytes(model) + sum(lazy_source(t)[2] for t in lazy) > EXTERNAL_DATA_THRESHOLD:
+    if _payload_bytes(model) + sum(s.length for _, s in lazy.values()) > EXTERNAL_DATA_THRESHOLD:
         return False
-    return not any(len(UnknownFieldSet(m)) for m in (model, model.graph, *lazy))
+    messages = (model, model.graph, *(t for t, _ in lazy.values()))
+    return not any(len(UnknownFieldSet(m)) for m in messages)
 
 
 def _fields_between(message, low: int, high: int, skip: frozenset[int] = frozenset()) -> bytes:
@@ -707,8 +724,8 @@ def _is_repeated(field) -> bool:
 
 
 _NO_FIELD = 1 << 29  # past the largest protobuf field number
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
-_TENSOR_LAZY_FIELDS = frozenset({13, 14})  # external_data, data_location: dropped inline
+# external_data and data_location: the lazy reference, dropped when written inline
+_TENSOR_LAZY_FIELDS = frozenset({wire.TENSOR_EXTERNAL_DATA, wire.TENSOR_DATA_LOCATION})
 
 
 def _save_inline_stream(
@@ -717,34 +734,31 @@ def _save_inline_stream(
     """Write `model` as one .onnx file, each lazy tensor's payload copied from its source
     file into its raw_data (copy_file_range: the bytes never enter this process). Returns, per
     lazy tensor, where its payload now is in the written file."""
-    # Each piece is bytes, or a lazy payload: (source file, offset, length, stamp, tensor).
+    # Each piece is bytes, or a lazy tensor's payload: (its LazySource, the tensor).
     tensors: list[list] = []
     for tensor in model.graph.initializer:
         source = lazy_source(tensor)
         if source is None:
             tensors.append([tensor.SerializeToString()])
             continue
-        file, offset, length = source
         tensors.append(
             [
-                _fields_between(tensor, 0, _TENSOR_RAW_DATA),
-                wire.encode_len_field(_TENSOR_RAW_DATA, length),
-                (file, offset, length, _stamp_of(tensor), tensor),
-                _fields_between(tensor, _TENSOR_RAW_DATA + 1, _NO_FIELD, _TENSOR_LAZY_FIELDS),
+                _fields_between(tensor, 0, wire.TENSOR_RAW_DATA),
+                wire.encode_len_field(wire.TENSOR_RAW_DATA, source.length),
+                (source, tensor),
+                _fields_between(tensor, wire.TENSOR_RAW_DATA + 1, _NO_FIELD, _TENSOR_LAZY_FIELDS),
             ]
         )
-    graph_pieces: list = [_fields_between(model.graph, 0, _GRAPH_INITIALIZER)]
+    graph_pieces: list = [_fields_between(model.graph, 0, wire.GRAPH_INITIALIZER)]
     for pieces in tensors:
-        size = sum(len(p) if isinstance(p, bytes) else p[2] for p in pieces)
-        graph_pieces.append(wire.encode_len_field(_GRAPH_INITIALIZER, size))
+        graph_pieces.append(wire.encode_len_field(wire.GRAPH_INITIALIZER, _size(pieces)))
         graph_pieces.extend(pieces)
-    graph_pieces.append(_fields_between(model.graph, _GRAPH_INITIALIZER + 1, _NO_FIELD))
-    graph_size = sum(len(p) if isinstance(p, bytes) else p[2] for p in graph_pieces)
+    graph_pieces.append(_fields_between(model.graph, wire.GRAPH_INITIALIZER + 1, _NO_FIELD))
     pieces = [
-        _fields_between(model, 0, _MODEL_GRAPH),
-        wire.encode_len_field(_MODEL_GRAPH, graph_size),
+        _fields_between(model, 0, wire.MODEL_GRAPH),
+        wire.encode_len_field(wire.MODEL_GRAPH, _size(graph_pieces)),
         *graph_pieces,
-        _fields_between(model, _MODEL_GRAPH + 1, _NO_FIELD),
+        _fields_between(model, wire.MODEL_GRAPH + 1, _NO_FIELD),
     ]
     moved: list[tuple[onnx.TensorProto, int, int]] = []
     position = 0
@@ -754,18 +768,22 @@ def _save_inline_stream(
                 out.write(piece)
                 position += len(piece)
             else:
-                file, offset, length, stamp, tensor = piece
-                _copy_range(file, offset, length, out, stamp)
-                moved.append((tensor, position, length))
-                position += length
+                source, tensor = piece
+                _copy_range(source, out)
+                moved.append((tensor, position, source.length))
+                position += source.length
     return moved
 
 
-def _copy_range(source: Path, offset: int, length: int, out, stamp: str | None = None) -> None:
-    """Append `length` bytes of `source` from `offset` to the open file `out`."""
+def _size(pieces: list) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p[0].length for p in pieces)
+
+
+def _copy_range(source: LazySource, out) -> None:
+    """Append the bytes `source` names to the open file `out`."""
     out.flush()
-    with _open_source(source, stamp) as src:
-        remaining, position = length, offset
+    with _open_source(source.file, source.stamp) as src:
+        remaining, position = source.length, source.offset
         copy_file_range = getattr(os, "copy_file_range", None)
         while remaining and copy_file_range is not None:
             try:
@@ -782,7 +800,9 @@ def _copy_range(source: Path, offset: int, length: int, out, stamp: str | None =
             while remaining:
                 chunk = src.read(min(_COPY_CHUNK, remaining))
                 if not chunk:
-                    raise BadInputError(f"external data file {source} is shorter than expected")
+                    raise BadInputError(
+                        f"external data file {source.file} is shorter than expected"
+                    )
                 out.write(chunk)
                 remaining -= len(chunk)
     out.seek(0, os.SEEK_END)

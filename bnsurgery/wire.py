@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# ModelProto.graph, GraphProto.initializer and the TensorProto fields read here (onnx.proto).
-_MODEL_GRAPH = 7
-_GRAPH_INITIALIZER = 5
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_RAW_DATA = 1, 2, 9
-_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+# ModelProto.graph, GraphProto.initializer and the TensorProto fields read here (onnx.proto);
+# io.py writes the same fields back.
+MODEL_GRAPH = 7
+GRAPH_INITIALIZER = 5
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_RAW_DATA = 1, 2, 9
+TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 13, 14
 _TENSOR_TYPED_FIELDS = frozenset({4, 5, 6, 7, 10, 11})  # float/int32/string/int64/double/uint64
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -141,15 +142,15 @@ def _cuttable_raw_data(buf: memoryview, start: int, end: int, min_bytes: int) ->
     data_type = 0
     raw: list[_Field] = []
     for field in _fields(buf, start, end):
-        if field.number == _TENSOR_DIMS:
+        if field.number == TENSOR_DIMS:
             dims.extend(_dims(buf, field))
-        elif field.number == _TENSOR_DATA_TYPE and field.wire_type == _VARINT:
+        elif field.number == TENSOR_DATA_TYPE and field.wire_type == _VARINT:
             data_type = read_varint(buf, field.value_start, field.end)[0]
-        elif field.number == _TENSOR_RAW_DATA and field.wire_type == _LEN:
+        elif field.number == TENSOR_RAW_DATA and field.wire_type == _LEN:
             raw.append(field)
         elif field.number in _TENSOR_TYPED_FIELDS or field.number in (
-            _TENSOR_EXTERNAL_DATA,
-            _TENSOR_DATA_LOCATION,
+            TENSOR_EXTERNAL_DATA,
+            TENSOR_DATA_LOCATION,
         ):
             return None  # external, or data outside raw_data: leave it for the checker
     if len(raw) != 1 or data_type not in ITEMSIZE:
@@ -171,7 +172,7 @@ def find_embedded_payloads(data: bytes | memoryview, min_bytes: int) -> tuple[by
     have no value field (their dims, type and name are kept)."""
     buf = memoryview(data)
     end = len(buf)
-    graphs = [f for f in _fields(buf, 0, end) if f.number == _MODEL_GRAPH]
+    graphs = [f for f in _fields(buf, 0, end) if f.number == MODEL_GRAPH]
     if len(graphs) != 1 or graphs[0].wire_type != _LEN:
         raise WireFormatError("not exactly one graph field")
     graph = graphs[0]
@@ -180,7 +181,7 @@ def find_embedded_payloads(data: bytes | memoryview, min_bytes: int) -> tuple[by
     kept_from = graph.value_start
     index = 0
     for field in _fields(buf, graph.value_start, graph.end):
-        if field.number != _GRAPH_INITIALIZER:
+        if field.number != GRAPH_INITIALIZER:
             continue
         if field.wire_type != _LEN:
             raise WireFormatError("an initializer that is not length-delimited")
@@ -188,7 +189,7 @@ def find_embedded_payloads(data: bytes | memoryview, min_bytes: int) -> tuple[by
         if raw is not None:
             graph_parts.append(buf[kept_from : field.start])
             tensor_length = (field.end - field.value_start) - (raw.end - raw.start)
-            graph_parts.append(encode_len_field(_GRAPH_INITIALIZER, tensor_length))
+            graph_parts.append(encode_len_field(GRAPH_INITIALIZER, tensor_length))
             graph_parts.append(buf[field.value_start : raw.start])
             graph_parts.append(buf[raw.end : field.end])
             kept_from = field.end
@@ -199,7 +200,7 @@ def find_embedded_payloads(data: bytes | memoryview, min_bytes: int) -> tuple[by
     skeleton = b"".join(
         [
             buf[: graph.start],
-            encode_len_field(_MODEL_GRAPH, len(graph_bytes)),
+            encode_len_field(MODEL_GRAPH, len(graph_bytes)),
             graph_bytes,
             buf[graph.end :],
         ]
