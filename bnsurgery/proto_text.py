@@ -43,23 +43,19 @@ def _node_names(nodes, where: str) -> Iterator[tuple[str, object]]:
                     yield from _graph_names(sub, f"{label} attribute {attr.name!r}")
 
 
-def first_non_text_name(model: onnx.ModelProto) -> str | None:
-    """Where the first name that is not UTF-8 text sits, or None when all are text."""
-    names = [("opset_import domain", o.domain) for o in model.opset_import]
-    for label, value in names:
-        if not isinstance(value, str):
-            return label
-    for label, value in _graph_names(model.graph, "graph"):
-        if not isinstance(value, str):
-            return label
+def _model_names(model: onnx.ModelProto) -> Iterator[tuple[str, object]]:
+    for opset in model.opset_import:
+        yield "opset_import domain", opset.domain
+    yield from _graph_names(model.graph, "graph")
     for i, function in enumerate(model.functions):
         where = f"function {i}"
-        for label, value in (
-            (f"{where} name", function.name),
-            (f"{where} domain", function.domain),
-            *((f"{where} input/output", v) for v in (*function.input, *function.output)),
-            *_node_names(function.node, where),
-        ):
-            if not isinstance(value, str):
-                return label
-    return None
+        yield f"{where} name", function.name
+        yield f"{where} domain", function.domain
+        for value in (*function.input, *function.output):
+            yield f"{where} input/output", value
+        yield from _node_names(function.node, where)
+
+
+def first_non_text_name(model: onnx.ModelProto) -> str | None:
+    """Where the first name that is not UTF-8 text sits, or None when all are text."""
+    return next((label for label, value in _model_names(model) if not isinstance(value, str)), None)
