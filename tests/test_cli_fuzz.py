@@ -9,15 +9,14 @@ attributes, missing inputs, training-mode BN, and bytes damaged at random.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODELS = ["digits_cnn.onnx", "digits_mlp.onnx", "digits_cnn_nobn.onnx"]
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import SAMPLES
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "digits_cnn.onnx"
+SAMPLE = SAMPLES / "digits_cnn.onnx"
 
 
 @pytest.mark.parametrize("command", ["compare", "validate"])

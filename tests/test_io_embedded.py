@@ -14,6 +14,7 @@ import models as m
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -22,7 +23,6 @@ from bnsurgery import io, wire
 from bnsurgery.errors import BadInputError
 from bnsurgery.passes.fold import FoldPass
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 SAMPLE_NAMES = ["digits_cnn.onnx", "digits_cnn_nobn.onnx", "digits_mlp.onnx", "resnet_small.onnx"]
 
 
