@@ -91,8 +91,8 @@ class CheckFailed(BnSurgeryError):
 
 def is_onnxruntime_error(exc: BaseException) -> bool:
     """An error raised by onnxruntime itself (a kernel it lacks, a model it rejects), as
-    opposed to a bug on our side."""
-    return type(exc).__module__.startswith("onnxruntime")
+    opposed to a bug on our side; also one carried back from an isolated child as EngineError."""
+    return isinstance(exc, EngineError) or type(exc).__module__.startswith("onnxruntime")
 
 
 def first_line(exc: BaseException) -> str:

@@ -173,12 +173,12 @@ def _portable(exc: BaseException) -> Any:
     if _round_trips(exc, exc):
         return exc
     if is_onnxruntime_error(exc):
-        return EngineError(type(exc).__qualname__, type(exc).__module__, str(exc))
+        return EngineError(type(exc).__name__, type(exc).__module__, str(exc))
     for state in (dict(getattr(exc, "__dict__", {})), {}):
         recipe = _Rebuild(type(exc), exc.args, state)
         if _round_trips(recipe, exc):
             return recipe
-    return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _round_trips(payload: Any, exc: BaseException) -> bool:
@@ -247,10 +247,9 @@ def _receive(pipe: Any, store: int) -> tuple[Any, ...] | None:
     if lengths_raw is None or data is None:
         return None
     lengths = [length for (length,) in _LENGTH.iter_unpack(lengths_raw)]
-    ends = list(itertools.accumulate(map(_aligned, lengths)))
-    mapped = memoryview(mmap.mmap(store, ends[-1]) if ends and ends[-1] else bytearray())
-    starts = [0, *ends[:-1]]
-    buffers = [mapped[start : start + n] for start, n in zip(starts, lengths, strict=True)]
+    starts = [0, *itertools.accumulate(map(_aligned, lengths))]  # the last is the total size
+    mapped = memoryview(mmap.mmap(store, starts[-1]) if starts[-1] else bytearray())
+    buffers = [mapped[start : start + n] for start, n in zip(starts, lengths, strict=False)]
     return pickle.loads(data, buffers=buffers)
 
 
