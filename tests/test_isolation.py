@@ -372,7 +372,11 @@ def test_forking_a_multi_threaded_process_does_not_warn_and_works(monkeypatch):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            outputs = run_isolated(session_run, model, feeds, what="resnet_small.onnx")
+            outputs, product = run_isolated(
+                lambda: (session_run(model, feeds), np.ones((256, 256)) @ np.ones((256, 256))),
+                what="resnet_small.onnx",
+            )
     finally:
         parked.set()
     np.testing.assert_array_equal(outputs[0], session_run(model, feeds)[0])
+    assert (product == 256).all()  # BLAS works again in the child
