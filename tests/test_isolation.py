@@ -153,6 +153,45 @@ def test_keyboard_interrupt_in_the_parent_kills_the_child_and_propagates(tmp_pat
         os.kill(child, 0)
 
 
+def running(pid: int) -> bool:
+    """Whether pid is a live process (not gone, not a zombie waiting for its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_child_does_not_outlive_a_killed_parent(tmp_path: Path):
+    pid_file = tmp_path / "child.pid"
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        from pathlib import Path
+        from bnsurgery.harness.isolation import run_isolated
+        def slow():
+            Path({str(pid_file)!r}).write_text(str(os.getpid()))
+            time.sleep(60)
+        run_isolated(slow, what="slow")
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        assert running(child)
+    finally:
+        parent.kill()  # SIGKILL: no handler of ours runs in the parent
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not running(child)
+
+
 # -- results -----------------------------------------------------------------------------------
 def test_results_of_several_megabytes_come_back_equal_and_writable():
     r = np.random.default_rng(0)
