@@ -121,7 +121,10 @@ def efficientnet_b0(
 ) -> onnx.ModelProto:  # fmt: skip
     """torchvision EfficientNet-B0: 16 MBConv (SiLU, squeeze-excitation, depthwise 3x3 and 5x5),
     49 BN."""
-    net = DeepNet("efficientnet_b0", (3, size, size), stats=stats, seed=seed)
+    # Its late stages are 1x1 and up to 288 channels wide: 64 calibration samples leave their
+    # statistics drifting (the BN input spread reaches 6x sqrt(var)), 128 do not.
+    net = DeepNet("efficientnet_b0", (3, size, size), stats=stats, seed=seed,
+                  calibration_batch=128 if stats == "trained" else None)  # fmt: skip
     x = net.conv_bn_act("input", "features.0", _divisible(32 * width_mult), 3, "silu", stride=2)
     settings = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]  # fmt: skip
@@ -159,7 +162,7 @@ def regnetx(
     group_width: int = 8, classes: int = 10, size: int = 32, stats: str = "default", seed: int = 4,
 ) -> onnx.ModelProto:  # fmt: skip
     """torchvision RegNetX-400MF layout: ResBottleneck blocks with group convs (bottleneck ratio
-    1), depths [1, 2, 7, 12], 22 blocks, 70 BN."""
+    1), depths [1, 2, 7, 12], 22 blocks, 71 BN."""
     net = DeepNet("regnetx", (3, size, size), stats=stats, seed=seed)
     x = net.conv_bn_act("input", "stem", 32 // 2, 3, stride=2)
     for si, (w, d) in enumerate(zip(widths, depths, strict=True), start=1):
@@ -286,7 +289,8 @@ def detection_head(
     """A Conv-BN-Relu backbone (6 layers, stride 8) and a head whose ONE output [N, boxes, 4 + C]
     concatenates boxes in pixels of an `image`-sized original (anchor + delta * stride, values
     reaching hundreds) with class probabilities (Sigmoid, 0..1)."""
-    net = DeepNet("detection_head", (3, size, size), stats=stats, seed=seed)
+    # an 8x8 grid gives the statistics enough samples from 16 images
+    net = DeepNet("detection_head", (3, size, size), stats=stats, seed=seed, calibration_batch=16)
     x = "input"
     for i, (c, s) in enumerate([(1, 2), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1)]):
         x = net.conv_bn_act(x, f"backbone.{i}", width * c, 3, stride=s)
