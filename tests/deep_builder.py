@@ -110,6 +110,7 @@ class DeepNet:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._names: set[str] = set()
+        self._params: set[str] = set()
 
     # bookkeeping
     def _node(self, op: str, module: str, inputs: Sequence[str], value: np.ndarray, **attrs) -> str:
@@ -125,12 +126,16 @@ class DeepNet:
         return out
 
     def param(self, name: str, value: np.ndarray, dtype: int | None = None) -> str:
-        if not any(t.name == name for t in self.inits):
+        """An initializer (once per name: shared constants such as Clip's bounds)."""
+        if name not in self._params:
+            self._params.add(name)
             dtype = dtype or self.dtype
-            array = np.asarray(value, dtype=np.int64) if dtype == I64 else value
-            self.inits.append(
-                numpy_helper.from_array(array, name) if dtype == I64 else init(name, array, dtype)
+            tensor = (
+                numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
+                if dtype == I64
+                else init(name, value, dtype)
             )
+            self.inits.append(tensor)
         return name
 
     def channels(self, x: str) -> int:
