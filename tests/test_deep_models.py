@@ -313,6 +313,13 @@ def test_a_shared_parameter_is_copied_so_only_the_middle_bn_changes() -> None:
     assert not np.array_equal(m.initializer(out, moved.input[1]), m.initializer(model, shared))
 
 
+def test_the_chosen_channel_of_a_bn_that_is_a_graph_output() -> None:
+    model = m.conv_bn()  # its only BN writes the graph output
+    assert 0 <= wf.chosen_channel(model, "bn") < 6
+    out = unchanged(wf.nudge_gamma, model)
+    assert list(changed_initializers(model, out)) == ["bn.scale"]
+
+
 @pytest.mark.parametrize("name", ["resnet50", "detection_head", "mlp_bn"])
 def test_round_weights_through_fp16_rounds_every_weight_and_no_bias(name: str) -> None:
     model = folded(name).model

@@ -52,14 +52,19 @@ def chosen_channel(model: onnx.ModelProto, bn: str) -> int:
     at zero would make the corruption invisible, which is no wrong fold at all."""
     probe = _copy(model)
     node = next(n for n in probe.graph.node if n.name == bn)
-    elem_type = probe.graph.input[0].type.tensor_type.elem_type  # BN's Y has X's type
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], elem_type, None))
+    outputs = [o.name for o in probe.graph.output]
+    if node.output[0] not in outputs:
+        elem_type = probe.graph.input[0].type.tensor_type.elem_type  # BN's Y has X's type
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(node.output[0], elem_type, None)
+        )
+        outputs.append(node.output[0])
     feeds = batch_feeds(probe, batch=4, seed=7)
     try:
-        y = run_ort(probe, feeds)[-1]
+        values = run_ort(probe, feeds)
     except Exception:  # an engine ORT lacks (models.run_pair does the same)
-        y = run_reference(probe, feeds)[-1]
-    y = np.asarray(y, dtype=np.float64)
+        values = run_reference(probe, feeds)
+    y = np.asarray(values[outputs.index(node.output[0])], dtype=np.float64)
     axes = tuple(i for i in range(y.ndim) if i != 1)
     return int(np.argmax(np.maximum(y, 0.0).mean(axis=axes)))
 
