@@ -5,9 +5,13 @@ chains are exact or refused, and kept BNs carry the truest reason."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -147,3 +151,21 @@ def test_any_layout_chain_either_folds_exactly_or_is_refused(m, n, target_index,
         assert max_error(original, result.model) <= 1.0
     else:
         assert decision.reason == "channel-axis-mismatch"
+
+
+def test_the_node_count_benchmark_leaves_no_bn_that_ort_basic_fuses(tmp_path):
+    """bench/fold_node_counts.py (the docs/fold.md table) writes to the --out it is given, and
+    on every measured model bnsurgery keeps no more BNs and no more nodes than ORT BASIC."""
+    out = tmp_path / "counts.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "fold_node_counts.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {k: v for k, v in json.loads(out.read_text()).items() if isinstance(v, dict)}
+    assert {f"ORT {name}" for name in ORT_FUSION_GRAPHS} <= set(rows)
+    for name, row in rows.items():
+        ours, basic = row["bnsurgery_fold"], row["onnxruntime_basic"]
+        assert ours["BatchNormalization"] <= basic["BatchNormalization"], name
+        assert ours["nodes"] <= basic["nodes"], name
+    assert "| ORT conv-identity-bn | 3 (1) | 1 (0) | 1 (0) |" in done.stdout
