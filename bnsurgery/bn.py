@@ -19,7 +19,10 @@ import onnx
 
 from bnsurgery.errors import BadInputError
 
-DEFAULT_EPSILON = 1e-5
+# The schema's default is a float attribute, so ONNX Runtime and onnx.reference use 1e-5 as a
+# float32 (9.99999974737875e-06); fold arithmetic in float64 must use that very value, or a
+# float64 model's fold is off by 2.5e-13 relative (found by the rounding-noise judge).
+DEFAULT_EPSILON = float(np.float32(1e-5))
 FLOAT_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,

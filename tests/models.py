@@ -47,7 +47,8 @@ class Stats:
     mean: np.ndarray
     var: np.ndarray
 
-    def affine(self, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    def affine(self, eps: float = float(np.float32(1e-5))) -> tuple[np.ndarray, np.ndarray]:
+        """(s, t) of the BN; the default epsilon is the schema's, a float32 attribute."""
         s = self.scale / np.sqrt(self.var + eps)
         return s, self.bias - self.mean * s
 

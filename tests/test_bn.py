@@ -30,8 +30,9 @@ def params(c: int = 5, seed: int = 0) -> BnParams:
 
 
 # -- attributes ---------------------------------------------------------------------------------
-def test_epsilon_defaults_to_1e_5() -> None:
-    assert view(15).epsilon == 1e-5
+def test_epsilon_defaults_to_the_schemas_float32_1e_5() -> None:
+    """The default is a float attribute: 1e-5 rounded to float32, as the runtimes use it."""
+    assert view(15).epsilon == float(np.float32(1e-5)) != 1e-5
 
 
 def test_epsilon_attribute_is_read() -> None:

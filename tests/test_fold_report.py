@@ -345,5 +345,6 @@ def test_api_verify_raises_check_failed_on_a_wrong_fold(monkeypatch) -> None:
         bnsurgery.fold(m.conv_bn(), verify=True)
 
 
-def test_api_without_verify_records_nothing() -> None:
-    assert bnsurgery.fold(m.conv_bn()).report.verification is None
+def test_api_verifies_by_default_like_the_cli() -> None:
+    assert bnsurgery.fold(m.conv_bn()).report.verification["ok"] is True
+    assert bnsurgery.fold(m.conv_bn(), verify=False).report.verification is None
