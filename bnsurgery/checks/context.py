@@ -260,11 +260,10 @@ def _is_bfloat16(value: np.ndarray) -> bool:
 
 
 def describe_mismatch(metrics: Any) -> str:
-    """How an output (harness ErrorMetrics) misses its tolerance, for a finding's message."""
+    """How an output (harness ErrorMetrics) misses the judge's limit, for a finding's message."""
     text = (
-        f"max abs error {metrics.max_abs:.3g}, max rel error {metrics.max_rel:.3g} "
-        f"(atol {metrics.atol:g}, rtol {metrics.rtol:g}); {metrics.mismatched} of "
-        f"{metrics.count} elements beyond tolerance"
+        f"{metrics.verdict()}; max abs error {metrics.max_abs:.3g}, max rel error "
+        f"{metrics.max_rel:.3g}"
     )
     if metrics.top1_agreement is not None:
         text += f"; top-1 agreement {metrics.top1_agreement:.1%}"

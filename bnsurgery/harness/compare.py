@@ -25,6 +25,7 @@ import onnx
 from bnsurgery.errors import BadInputError
 from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
 from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
+from bnsurgery.harness.noise import rounding_noise_copy
 from bnsurgery.harness.providers import ProviderConfig, SessionInfo, parse_providers
 from bnsurgery.harness.runner import Runner, progress
 from bnsurgery.harness.stability import StabilityReport
@@ -271,12 +272,57 @@ def compare(
     on the first provider. See docs/compare.md; `atol`/`rtol` take a number, or CLI-style
     strings (`"1e-4"`, `"logits:1e-3"`). Raises BadInputError (exit 2) on bad input and
     EnvironmentProblem (exit 3) when a provider is unavailable without `allow_fallback`."""
-    from bnsurgery.data import load_data
+    from bnsurgery.harness.isolation import run_isolated
     from bnsurgery.io import load_model
 
-    aliases = parse_providers(providers)
     ref_model = load_model(reference)
     cand_model = load_model(candidate) if candidate is not None else None
+    what = _label(reference) + (f" and {_label(candidate)}" if candidate is not None else "")
+    # The sessions run in a child process: an ONNX Runtime crash is one line and exit 2.
+    return run_isolated(
+        compare_models, ref_model, cand_model, what=what, reference_label=_label(reference),
+        candidate_label=_label(candidate) if candidate is not None else None,
+        providers=providers, data=data, labels_key=labels_key, atol=atol, rtol=rtol,
+        layerwise=layerwise, tensor_map=tensor_map, stability=stability,
+        allow_fallback=allow_fallback, opt_level=opt_level,
+        reference_opt_level=reference_opt_level, cuda_tf32=cuda_tf32,
+        cudnn_conv_algo_search=cudnn_conv_algo_search, device_id=device_id,
+        intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+        batch_size=batch_size, shapes=shapes, seed=seed, show_progress=show_progress,
+    )  # fmt: skip
+
+
+def compare_models(
+    ref_model: onnx.ModelProto,
+    cand_model: onnx.ModelProto | None,
+    *,
+    reference_label: str = "reference",
+    candidate_label: str | None = "candidate",
+    providers: Sequence[str] | str = ("cpu",),
+    data: Any = None,
+    labels_key: str | None = None,
+    atol: Any = None,
+    rtol: Any = None,
+    layerwise: bool = False,
+    tensor_map: Mapping[str, str | None] | None = None,
+    stability: bool = False,
+    allow_fallback: bool = False,
+    opt_level: str = "disable_all",
+    reference_opt_level: str = "disable_all",
+    cuda_tf32: bool = False,
+    cudnn_conv_algo_search: str = "EXHAUSTIVE",
+    device_id: int = 0,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    batch_size: int | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+    show_progress: bool | None = None,
+) -> CompareReport:
+    """compare() on models already loaded and checked (what fold's verification runs)."""
+    from bnsurgery.data import load_data
+
+    aliases = parse_providers(providers)
     if cand_model is not None:
         check_interfaces(ref_model, cand_model)
     output_names = [o.name for o in ref_model.graph.output]
@@ -338,10 +384,28 @@ def compare(
             runner.activate()
             layer_plans.append((matched, unmatched, runner))
 
-    dtypes = {name: _output_dtype(ref_model, name) for name in output_names}
+    # The default rule measures the rounding noise of the reference: the reference with its
+    # weights rounded once more, run on the same provider and batches (harness.noise).
+    noise_model = None
+    if any(not tolerances.explicit_for(n) for n in output_names) or (
+        layer_plans and tolerances.atol is None and tolerances.rtol is None
+    ):
+        noise_model = rounding_noise_copy(ref_model, seed)
+    noise_runner = noise_layer_runner = None
+    if noise_model is not None and pair_specs:
+        noise_runner = Runner(noise_model, ref_config, label="rounding noise")
+        noise_runner.activate()
+        if ref_layer_runner is not None:
+            noise_layer_runner = Runner(
+                noise_model, ref_config, extra_outputs=ref_layer_runner.extra_outputs,
+                label="rounding noise layers",
+            )  # fmt: skip
+            noise_layer_runner.activate()
     accumulators = [
         {
-            name: ErrorAccumulator(name, *tolerances.for_output(name, dtypes[name]))
+            name: ErrorAccumulator(
+                name, *tolerances.for_output(name, _output_dtype(ref_model, name))
+            )
             for name in output_names
         }
         for _ in pair_specs
@@ -351,6 +415,7 @@ def compare(
 
     samples = batches = 0
     with_labels = 0
+    input_shapes: dict[str, list[int]] = {}
     if pair_specs:
         with progress(
             source.batches(),
@@ -359,13 +424,19 @@ def compare(
             enabled=show_progress,
         ) as stream:
             for batch in stream:
+                if not input_shapes:
+                    input_shapes = {k: list(np.shape(v)) for k, v in batch.feeds.items()}
                 ref_out = ref_runner.infer(batch.feeds)
+                noise_out = noise_runner.infer(batch.feeds) if noise_runner else {}
                 for runner, accs in zip(runners, accumulators, strict=True):
                     out = runner.infer(batch.feeds)
                     for name, acc in accs.items():
-                        acc.update(ref_out[name], out[name], batch.labels)
+                        acc.update(ref_out[name], out[name], batch.labels, noise_out.get(name))
                 if ref_layer_runner is not None:
                     ref_layers = ref_layer_runner.infer(batch.feeds)
+                    noise_layers = (
+                        noise_layer_runner.infer(batch.feeds) if noise_layer_runner else {}
+                    )
                     for (matched, _, runner), accs in zip(
                         layer_plans, layer_accumulators, strict=True
                     ):
@@ -383,16 +454,22 @@ def compare(
                                 acc = accs[match.reference] = ErrorAccumulator(
                                     match.reference, *tol
                                 )
-                            acc.update(value, other)
+                            acc.update(value, other, None, noise_layers.get(match.reference))
                 samples += batch.size
                 batches += 1
                 with_labels += batch.labels is not None
 
     data_info = source.to_dict()
-    data_info.update({"samples": samples or data_info["samples"], "batches": batches})
+    data_info.update(
+        {
+            "samples": samples or data_info["samples"],
+            "batches": batches,
+            "input_shapes": input_shapes,
+        }
+    )
     report = CompareReport(
-        reference=_label(reference),
-        candidate=_label(candidate) if candidate is not None else None,
+        reference=reference_label,
+        candidate=candidate_label if cand_model is not None else None,
         providers=aliases,
         reference_session=ref_info,
         data=data_info,
