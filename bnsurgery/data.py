@@ -250,10 +250,10 @@ def load_data(
     if not specs:
         raise DataError("the model has no runtime inputs to feed")
     shapes = dict(shapes or {})
-    size = _batch_size(specs, batch_size)
     is_random = spec is None or (
         isinstance(spec, str) and (spec.startswith("random:") or spec == "random")
     )
+    size = _batch_size(specs, batch_size, fixed_shapes=is_random)
     if is_random and labels_key is not None:
         raise DataError(f"labels key '{labels_key}' not found: random data has no labels")
     if spec is None:
@@ -286,10 +286,25 @@ def load_data(
     raise BadInputError(f"cannot use {type(spec).__name__} as DATA")
 
 
-def _batch_size(specs: list[InputSpec], requested: int | None) -> int:
+def random_spec(model: onnx.ModelProto, samples: int = DEFAULT_RANDOM_SAMPLES) -> str:
+    """The DATA spec of the judge's default random data: `random:N` with N the given samples,
+    rounded up to a multiple of the model's static batch dimension where it has one."""
+    specs = input_specs(model)
+    step = next((s.static_batch for s in specs if s.static_batch), 1)  # as _batch_size cuts
+    return f"random:{step * -(-samples // step)}"
+
+
+def _batch_size(
+    specs: list[InputSpec], requested: int | None, *, fixed_shapes: bool = False
+) -> int:
+    """The batch size DATA is cut into: the model's static batch dimension where it has one.
+    Inputs of different static first dimensions (BN parameters fed as inputs, say) cannot be
+    batched, except by random data, which feeds each at its own fixed shape (fixed_shapes)."""
     static = {s.static_batch for s in specs if s.static_batch is not None}
     if static:
         fixed = static.pop()
+        if static and fixed_shapes:
+            return next(s.static_batch for s in specs if s.static_batch is not None)
         if static:
             raise DataError("the model's inputs have different static batch dimensions")
         if requested is not None and requested != fixed:
@@ -363,11 +378,7 @@ def _random_source(
                     raise DataError(
                         f"--shape {spec.name}: axis {axis} is {have}, the model says {want}"
                     )
-        elif spec.dims and any(d is None for d in spec.dims[1:]):
-            raise DataError(
-                f"input '{spec.name}' has dynamic dimensions ({spec.describe()}); random data "
-                f"needs --shape {spec.name}:" + "x".join(str(d or "D") for d in spec.dims)
-            )
+    chosen = dynamic_shape_notes(specs, shapes, min(batch_size, samples))
     if samples % batch_size and any(s.static_batch for s in specs):
         raise DataError(
             f"random:{samples} is not a multiple of the model's static batch dimension {batch_size}"
@@ -377,14 +388,39 @@ def _random_source(
         for feeds in _random_with_shapes(model, samples, batch_size, seed, shapes):
             yield Batch(feeds)
 
-    return DataSource(
+    # Inputs of different static first dimensions are fed whole, each at its own shape: cutting
+    # them into batches along axis 0 would cut the ones that are no batch at all.
+    mixed = len({s.static_batch for s in specs if s.static_batch}) > 1
+    source = DataSource(
         f"random:{samples} (seed {seed})",
         chunks,
         specs,
-        batch_size,
+        None if mixed else batch_size,
         samples=samples,
         synthetic=True,
     )
+    source.notes.extend(chosen)
+    return source
+
+
+def dynamic_shape_notes(
+    specs: list[InputSpec], shapes: Mapping[str, list[int]], batch: int
+) -> list[str]:
+    """One note per input whose non-batch dimensions random data had to choose: which shape it
+    uses (dynamic dimensions are 1, the batch axis is the batch) and how to choose another."""
+    notes = []
+    for spec in specs:
+        if spec.name in shapes or not spec.dims or all(d is not None for d in spec.dims[1:]):
+            continue
+        dims = [batch if i == 0 and d is None else (d or 1) for i, d in enumerate(spec.dims)]
+        notes.append(
+            f"input '{spec.name}' has dynamic dimensions ({spec.describe()}): random data uses "
+            + "x".join(map(str, dims))
+            + f"; give --shape {spec.name}:"
+            + "x".join(str(d or "D") for d in spec.dims)
+            + " to choose"
+        )
+    return notes
 
 
 def _random_with_shapes(

@@ -119,10 +119,11 @@ def test_no_data_means_random_8_seed_0_and_says_so():
     assert sum(b.size for b in source) == 8
 
 
-def test_random_with_dynamic_dims_needs_shape_and_uses_it():
+def test_random_with_dynamic_dims_says_what_it_chose_and_takes_shape():
     model = single_input(("N", 3, "H", "W"))
-    with pytest.raises(DataError, match=r"--shape x:"):
-        load_data("random:2", model)
+    chosen = load_data("random:2", model)
+    assert next(iter(chosen)).feeds["x"].shape == (2, 3, 1, 1)  # as fold chooses
+    assert any("random data uses 2x3x1x1" in n and "--shape x:" in n for n in chosen.notes)
     source = load_data("random:2", model, shapes=parse_shape_overrides(["x:1x3x5x6"]))
     assert next(iter(source)).feeds["x"].shape == (2, 3, 5, 6)
 
