@@ -50,13 +50,16 @@ def fold(
     *,
     backward: bool = True,
     affine: bool = True,
-    verify: bool = False,
+    verify: bool = True,
     **verify_options: Any,
 ) -> PassResult:
     """Fold every foldable BatchNormalization; the report names every BN and why it stayed.
 
-    verify=True runs the original and the folded model on ONNX Runtime CPU (optimizations
-    off) and records the error in the report; it raises CheckFailed beyond tolerance.
+    Like `bnsurgery fold`, it verifies unless verify=False: the original and the folded model
+    run on ONNX Runtime CPU (optimizations off), the verdict goes into the report
+    (`report.verification`), and CheckFailed is raised when an output deviates beyond 8x the
+    original's rounding noise (docs/verification.md). verify_options: samples, seed, shapes,
+    data, atol, rtol.
     """
     from bnsurgery.passes.fold import FoldPass
 
@@ -77,7 +80,7 @@ def fold_file(
     *,
     backward: bool = True,
     affine: bool = True,
-    verify: bool = False,
+    verify: bool = True,
     external_data: bool = False,
     shapes: Mapping[str, list[int]] | None = None,
 ) -> FoldReport:
@@ -86,8 +89,9 @@ def fold_file(
     Faster and lighter than fold() + save_model() on large models: weights stay in the input
     file until the pass reads them, and those it does not rewrite are copied file to file
     (docs/benchmarks.md, section 1). The output keeps external data when the input had it, or
-    when external_data=True. verify=True runs both models on ONNX Runtime CPU first and raises
-    CheckFailed beyond tolerance, with nothing written. Returns the report.
+    when external_data=True. Like the CLI it verifies unless verify=False: both models run on
+    ONNX Runtime CPU first, and CheckFailed is raised beyond the judge's limit, with nothing
+    written. Returns the report.
     """
     from bnsurgery.streamed_fold import fold_file_checked
 
@@ -127,7 +131,8 @@ def compare(
 
 def info(model: ModelSource, *, backward: bool = True, affine: bool = True) -> FoldReport:
     """The fold report (dry run): every BN and what fold would do with it."""
-    return fold(model, backward=backward, affine=affine).report  # type: ignore[return-value]
+    report = fold(model, backward=backward, affine=affine, verify=False).report
+    return report  # type: ignore[return-value]
 
 
 def insert(model: ModelSource, **options: Any) -> PassResult:

@@ -74,14 +74,16 @@ def assert_fold_equivalent(
     expect_folded: int | None = None,
 ) -> PassResult:
     """Fold the model and assert the folded model gives the original's outputs (ONNX Runtime
-    CPU, optimizations off) on DATA, or seeded random inputs; returns the fold's PassResult.
+    CPU, optimizations off) on DATA, or on the judge's default random data; returns the fold's
+    PassResult.
 
-    atol/rtol: default DESIGN's per-dtype tolerances (fp32 1e-5 / 1e-4, fp16 2.5e-3 / 1e-3).
+    The rule is `bnsurgery fold`'s and `compare`'s: each output's deviation within 8x the
+    original's rounding noise (docs/verification.md). atol/rtol: judge by allclose instead.
     expect_folded: also assert exactly this many BNs were folded.
     """
-    from bnsurgery.harness.compare import compare
     from bnsurgery.io import load_model
     from bnsurgery.passes.fold import FoldPass
+    from bnsurgery.verify import failure_text, verify_equivalent
 
     original = load_model(model)
     result = FoldPass(backward=backward, affine=affine)(original)
@@ -92,21 +94,15 @@ def assert_fold_equivalent(
             f"expected {expect_folded} BN(s) folded, got {len(report.folded)}"  # type: ignore[attr-defined]
             + (f"; kept: {kept}" if kept else "")
         )
-    outcome = compare(
-        original, result.model, providers=("cpu",), data=data, atol=atol, rtol=rtol,
-        shapes=shapes, seed=seed, show_progress=False,
+    outcome = verify_equivalent(
+        original, result.model, data=data, atol=atol, rtol=rtol, shapes=shapes, seed=seed,
+        fold_report=report,
     )  # fmt: skip
-    if not outcome.passed:
-        lines = ["the folded model's outputs differ from the original's:"]
-        for pair in outcome.failures:
-            for m in pair.outputs:
-                if not m.passed:
-                    lines.append(
-                        f"  {m.name}: max abs {m.max_abs:.3g}, max rel {m.max_rel:.3g} "
-                        f"(atol {m.atol:g}, rtol {m.rtol:g}), {m.mismatched} of {m.count} "
-                        "elements beyond tolerance"
-                    )
-        raise AssertionError("\n".join(lines))
+    report.verification = outcome  # type: ignore[attr-defined]
+    if not outcome["ok"]:
+        raise AssertionError(
+            f"the folded model's outputs differ from the original's: {failure_text(outcome)}"
+        )
     return result
 
 

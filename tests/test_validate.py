@@ -304,7 +304,8 @@ def test_fold_verification_reports_a_wrong_fold(monkeypatch):
 def test_fold_verification_passes_a_correct_fold():
     report = only(M.conv_bn(), "fold-verification")
     assert report.findings == []
-    assert report.details["fold-verification"]["outputs"][0]["passed"]
+    (output,) = report.details["fold-verification"]["outputs"].values()
+    assert output["passed"] and output["rule"] == "noise"
 
 
 def test_fold_verification_is_not_fooled_by_nan_in_both_models():
@@ -312,7 +313,23 @@ def test_fold_verification_is_not_fooled_by_nan_in_both_models():
     assert report.findings == []
 
 
-def test_provider_parity_reports_outputs_that_differ():
+def test_provider_parity_judges_an_ill_conditioned_graph_by_its_own_rounding_noise():
+    """ORT's fusion differs from the unfused graph by ~1e-2 here, but one rounding of the
+    model's own weights (the bias of 1e5, ulp 0.008) moves its outputs as much: the judge
+    calls that rounding, not a parity failure (docs/verification.md)."""
+    report = only(offset_conv_bn(), "provider-parity")
+    assert report.findings == []
+    ((output,),) = [c["outputs"] for c in report.details["provider-parity"]["comparisons"]]
+    assert output["max_abs"] > 1e-3 and output["ratio"] <= output["limit"]
+
+
+def test_provider_parity_reports_outputs_that_differ(monkeypatch):
+    import bnsurgery.harness.compare as harness_compare
+
+    def wrong_everywhere(model, seed=0):  # a noise run that moves nothing: no room for error
+        return model
+
+    monkeypatch.setattr(harness_compare, "rounding_noise_copy", wrong_everywhere)
     report = only(offset_conv_bn(), "provider-parity")
     [finding] = report.findings
     assert (finding.id, finding.severity) == ("provider-parity", "error")
@@ -483,10 +500,12 @@ def test_without_data_random_samples_fit_a_static_batch():
     assert "no DATA given: using random:9, seed 0" in report.notes
 
 
-def test_random_data_that_cannot_feed_the_model_skips_the_running_checks():
+def test_random_data_feeds_inputs_of_different_static_first_dimensions_whole():
+    """BN parameters fed as graph inputs ([4]) beside x ([2, ...]): random data feeds each at
+    its own shape, as fold's verification always did, instead of skipping the checks."""
     report = validate(M.params_graph_inputs(), plugins=False)
     [parity] = [c for c in report.checks if c.name == "provider-parity"]
-    assert parity.status == "skipped" and "random data cannot feed this model" in parity.note
+    assert parity.status == "ran"
     assert report.ok
 
 

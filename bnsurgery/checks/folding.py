@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from bnsurgery.checks import Finding, Skip, check
-from bnsurgery.checks.context import ValidationContext, describe_mismatch
-from bnsurgery.errors import BadInputError, BnSurgeryError
+from bnsurgery.checks.context import ValidationContext
+from bnsurgery.errors import BadInputError
 from bnsurgery.graph import GraphIndex, iter_scopes
 from bnsurgery.passes import fold_math as fm
 from bnsurgery.passes.fold_report import FOLDED, BnDecision
@@ -181,49 +181,32 @@ def fp16_overflow_risk(ctx: ValidationContext) -> Iterator[Finding]:
     runs_model=True,
 )
 def fold_verification(ctx: ValidationContext) -> Iterator[Finding]:
+    from bnsurgery.verify import verify_equivalent
+
     ctx.require_runnable()
     result = ctx.fold()
     if not result.modified:
         raise Skip("nothing to fold")
-    report = ctx.compare(result.model, providers=("cpu",))
-    if isinstance(report, Exception):
-        # onnxruntime cannot load it (fp64 Conv, bf16): verify on onnx.reference instead
-        yield from _verify_with_reference(ctx, result.model, report)
-        return
-    outputs = [m for pair in report.pairs for m in pair.outputs]
-    ctx.details["fold-verification"] = {
-        "engine": "onnxruntime CPUExecutionProvider, ORT_DISABLE_ALL",
-        "data": report.data,
-        "outputs": [m.to_dict() for m in outputs],
-    }
-    for metrics in outputs:
-        if not metrics.passed:
-            yield fold_verification.finding(
-                f"the folded model's output '{metrics.name}' differs from the original: "
-                f"{describe_mismatch(metrics)}",
-                details={"output": metrics.to_dict()},
-            )
-
-
-def _verify_with_reference(
-    ctx: ValidationContext, folded: onnx.ModelProto, cause: Exception
-) -> Iterator[Finding]:
-    from bnsurgery.verify import verify_equivalent
-
     try:
-        outcome = verify_equivalent(ctx.model, folded, seed=ctx.seed, shapes=ctx.shapes)
-    except BadInputError as exc:  # neither engine can run it: say so, as for other failures
-        raise Skip(f"the model could not be run ({type(cause).__name__}; {exc})") from exc
-    except BnSurgeryError:
-        raise
-    except Exception as exc:
-        raise Skip(f"the model could not be run ({type(cause).__name__}; {exc})") from exc
+        outcome = verify_equivalent(
+            ctx.model, result.model, data=ctx.data_source(), shapes=ctx.shapes, seed=ctx.seed,
+            fold_report=result.report,
+        )  # fmt: skip
+    except BadInputError as exc:  # no engine runs it, or ONNX Runtime crashed: say so
+        raise Skip(f"the model could not be run ({exc})") from None
     ctx.details["fold-verification"] = outcome
     for name, errors in outcome["outputs"].items():
-        if not errors["ok"]:
+        if not errors["passed"]:
             yield fold_verification.finding(
-                f"the folded model's output '{name}' differs from the original: max abs error "
-                f"{errors.get('max_abs', float('nan')):.3g} (atol {errors.get('atol')}, "
-                f"rtol {errors.get('rtol')}; {'; '.join(outcome['engines'])})",
-                details={"output": name, **errors},
+                f"the folded model's output '{name}' differs from the original: "
+                f"{errors['verdict']}; max abs error {errors['max_abs']:.3g}, max rel error "
+                f"{errors['max_rel']:.3g} ({'; '.join(outcome['engines'])})",
+                details={"output": errors},
+            )
+    for fold in (outcome.get("per_fold") or {}).get("folds", []):
+        if fold["status"] == "failed":
+            yield fold_verification.finding(
+                f"the fold of '{fold['bn']}' changes its tensor '{fold['tensor']}': "
+                f"{fold['verdict']}",
+                details={"fold": fold},
             )

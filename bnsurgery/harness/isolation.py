@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import itertools
 import mmap
 import os
@@ -111,8 +112,17 @@ def run_isolated(fn: Callable[..., T], /, *args: Any, what: str, **kwargs: Any) 
             store = _shared_store()
             open_fds.append(store)
             parent_pid = os.getpid()
-            with _quiet_fork_warning():
-                pid = os.fork()
+            # Every object alive now goes to the collector's permanent generation for the
+            # fork, so the child's collector never finalises the parent's garbage: an ONNX
+            # Runtime session awaiting collection would, in the child, join thread-pool threads
+            # that do not exist there and hang forever (found running the test suite).
+            gc.freeze()
+            try:
+                with _quiet_fork_warning():
+                    pid = os.fork()
+            finally:
+                if pid != 0:
+                    gc.unfreeze()
             if pid == 0:
                 _child(read_end, write_end, store, parent_pid, fn, args, kwargs)  # never returns
             os.close(write_end)
