@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError, DataError
+from bnsurgery.npfile import load_npy, load_npz, npz_keys
 
 DEFAULT_RANDOM_SAMPLES = 8
 DEFAULT_SEED = 0
@@ -516,25 +518,10 @@ def _quoted(names: list[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
-def _open_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
-
-
-def _open_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as .npy ({exc})") from None
-
-
 def _npz_source(
     path: Path, specs: list[InputSpec], batch_size: int, labels_key: str | None
 ) -> DataSource:
-    first = _split_arrays(_open_npz(path), str(path), specs, labels_key)
+    first = _split_arrays(load_npz(path), str(path), specs, labels_key)
 
     def chunks() -> Iterator[Batch]:
         yield first
@@ -553,7 +540,7 @@ def _npy_arrays(path: Path, specs: list[InputSpec], labels_key: str | None) -> d
         )
     if labels_key is not None:
         raise DataError(f"{path}: labels key '{labels_key}' not found (an .npy holds no labels)")
-    return {specs[0].name: _open_npy(path)}
+    return {specs[0].name: load_npy(path)}
 
 
 def _npy_source(
@@ -592,11 +579,7 @@ def _folder_source(
     with_labels, samples = 0, 0
     for path in files:
         if path.suffix.lower() == ".npz":
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    keys = list(npz.files)
-            except (OSError, ValueError, EOFError) as exc:
-                raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+            keys = npz_keys(path)
             if labels_key is not None and labels_key not in keys:
                 raise DataError(
                     f"{path}: labels key '{labels_key}' not found (keys: "
@@ -615,7 +598,7 @@ def _folder_source(
     def chunks() -> Iterator[Batch]:
         for path in files:
             if path.suffix.lower() == ".npz":
-                arrays = _open_npz(path)
+                arrays = load_npz(path)
             else:
                 arrays = _npy_arrays(path, specs, None)
             yield _split_arrays(arrays, str(path), specs, labels_key)
@@ -629,7 +612,7 @@ def _folder_source(
 def _count_samples(path: Path, specs: list[InputSpec]) -> int:
     try:
         if path.suffix.lower() == ".npy":
-            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+            return int(load_npy(path, mmap=True).shape[0])
         with np.load(path, allow_pickle=False) as npz:
             name = next((s.name for s in specs if s.name in npz.files), None)
             if name is None:
@@ -637,7 +620,7 @@ def _count_samples(path: Path, specs: list[InputSpec]) -> int:
             if name is None:
                 return 0
             return int(npz[name].shape[0]) if npz[name].ndim else 0
-    except (OSError, ValueError, EOFError, IndexError) as exc:
+    except (OSError, ValueError, EOFError, IndexError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
