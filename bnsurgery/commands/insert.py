@@ -23,6 +23,7 @@ from bnsurgery.data import parse_shape_overrides
 from bnsurgery.harness.report import text_table
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.insert import DEFAULT_AFTER
+from bnsurgery.passes.reestimate import MIN_SAMPLES
 
 EXAMPLE = """\b
 Example:
@@ -79,7 +80,11 @@ def render_insert(payload: dict[str, Any]) -> str:
     is_flag=True,
     help="Also insert after nodes that produce a graph output (the classifier, usually).",
 )
-@click.option("--samples", type=click.IntRange(min=1), help="Calibrate on at most N samples.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=MIN_SAMPLES),
+    help="Calibrate on at most N samples (a variance needs at least 2).",
+)
 @batch_size_option
 @shape_option
 @provider_option
