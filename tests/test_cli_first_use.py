@@ -3,9 +3,11 @@ swapped arguments recognised, tracebacks exactly where the README says, and data
 
 from __future__ import annotations
 
+import json
+
 import click
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, sha256
 
 from bnsurgery.passes.reestimate import MIN_SAMPLES
 
@@ -44,3 +46,40 @@ def test_samples_at_the_minimum_runs_and_below_is_one_line(cli, tmp_path, comman
     code, _, err = cli(command, *args, "--samples", MIN_SAMPLES)
     assert code == 0, err
     assert (tmp_path / "out.onnx").exists()
+
+
+# -- insert with nothing to insert -----------------------------------------------------------
+
+
+def test_insert_with_bn_after_every_target_writes_nothing(cli, tmp_path) -> None:
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(CNN.read_bytes())
+    before = sha256(model)
+    code, out, err = cli("insert", model)
+    assert code == 0, err
+    assert "nothing to insert (skipped followed-by-bn: 4, produces-graph-output: 1" in out
+    assert out.rstrip().endswith("nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
+    assert sha256(model) == before
+
+
+def test_insert_in_place_with_nothing_to_insert_leaves_the_model_alone(cli, tmp_path) -> None:
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(CNN.read_bytes())
+    stamp = model.stat().st_mtime_ns
+    code, out, _ = cli("insert", model, "--in-place", "--json")
+    assert code == 0
+    assert json.loads(out)["output"] is None
+    assert model.stat().st_mtime_ns == stamp and model.read_bytes() == CNN.read_bytes()
+
+
+def test_insert_with_an_explicit_output_writes_it_and_says_why_it_is_unchanged(
+    cli, tmp_path
+) -> None:
+    out_path = tmp_path / "copy.onnx"
+    code, out, _ = cli("insert", CNN, "-o", out_path)
+    assert code == 0
+    assert "nothing to insert (skipped followed-by-bn: 4" in out
+    assert f"{out_path} is an unchanged copy of {CNN}" in out
+    assert out.rstrip().endswith(f"wrote {out_path}")
+    assert out_path.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from bnsurgery.cli import (
     ProgressBar,
     batch_size_option,
     data_notes,
+    emit,
     in_place_option,
     json_option,
     output_option,
@@ -36,7 +38,7 @@ def render_insert(payload: dict[str, Any]) -> str:
     rows = [("after node", "op", "BN", "channels", "dtype")]
     for e in payload["inserted"]:
         rows.append((e["after"], e["op"], e["bn"], str(e["channels"]), e["dtype"]))
-    lines = text_table(rows, max_width=48)
+    lines = text_table(rows, max_width=48) if payload["inserted"] else []
     for s in payload["skipped"]:
         lines.append(f"skipped {s['node']} ({s['op']}): {s['reason']}")
     cal = payload.get("calibration")
@@ -134,4 +136,24 @@ def insert_command(
     payload = result.report.to_dict()
     if payload.get("calibration"):
         data_notes(payload["calibration"]["data"])
-    save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))
+    if payload["inserted"]:
+        save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))
+    elif output is not None and not in_place:  # asked for a file by name: write it, say why
+        save_and_emit(
+            as_json, result.model, target, payload,
+            lambda: f"{render_insert(payload)}\n{why_nothing(payload)}; {target} is an "
+            f"unchanged copy of {model}",
+        )  # fmt: skip
+    else:  # a copy identical to MODEL helps nobody: write nothing
+        payload["output"] = None
+        emit(as_json, payload, lambda: f"{render_insert(payload)}\n{why_nothing(payload)}; "
+             "nothing written")  # fmt: skip
+
+
+def why_nothing(payload: dict[str, Any]) -> str:
+    """Why no BN was inserted: the skip reasons, counted ("4 followed-by-bn, ...")."""
+    reasons = Counter(s["reason"] for s in payload["skipped"])
+    counted = ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
+    if "produces-graph-output" in reasons:
+        counted += "; --include-outputs inserts after a graph output too"
+    return f"nothing to insert (skipped {counted})"
