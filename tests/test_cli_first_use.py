@@ -83,3 +83,49 @@ def test_insert_with_an_explicit_output_writes_it_and_says_why_it_is_unchanged(
     assert f"{out_path} is an unchanged copy of {CNN}" in out
     assert out.rstrip().endswith(f"wrote {out_path}")
     assert out_path.exists()
+
+
+# -- run with its arguments swapped ----------------------------------------------------------
+
+PIPELINE = '[[step]]\npass = "fold"\n'
+
+
+def test_run_with_model_and_pipeline_swapped_says_so(cli, tmp_path) -> None:
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text(PIPELINE)
+    code, out, err = cli("run", CNN, deploy)
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        f"bnsurgery: error: the arguments are swapped: {CNN} is an ONNX model and {deploy} a "
+        f"pipeline; run bnsurgery run {deploy} {CNN}"
+    )
+    assert not list(SAMPLES.glob("*.pipeline.onnx"))
+
+
+def test_run_recognises_a_model_by_its_bytes_whatever_its_name(cli, tmp_path) -> None:
+    model = tmp_path / "model.bin"
+    model.write_bytes(CNN.read_bytes())
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text(PIPELINE)
+    code, _, err = cli("run", model, deploy)
+    assert code == 2 and "the arguments are swapped" in err
+
+
+def test_run_given_a_model_as_pipeline_or_a_pipeline_as_model(cli, tmp_path) -> None:
+    deploy = tmp_path / "deploy.toml"
+    deploy.write_text(PIPELINE)
+    code, _, err = cli("run", CNN, CNN)
+    assert code == 2 and f"{CNN} is an ONNX model, not a pipeline file" in err
+    code, _, err = cli("run", deploy, deploy)
+    assert code == 2 and f"{deploy} is a TOML file, not an ONNX model" in err
+
+
+def test_a_pipeline_file_that_is_not_text_is_named_without_a_codec_error(tmp_path) -> None:
+    import bnsurgery
+    from bnsurgery.errors import BadInputError
+
+    binary = tmp_path / "deploy.toml"
+    binary.write_bytes(b"\x96\xff\x00binary")
+    with pytest.raises(BadInputError, match=r"deploy.toml: not a pipeline file") as info:
+        bnsurgery.run_pipeline(binary, CNN)
+    assert "codec" not in str(info.value)
