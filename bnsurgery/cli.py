@@ -2,7 +2,8 @@
 
 Every command lives in its own module under bnsurgery/commands/ and does three things: parse,
 call the Python API, render text or JSON. Errors derived from BnSurgeryError become one line on
-stderr and their exit code (DESIGN.md §2); nothing else prints a traceback unless -vv is given.
+stderr and their exit code (DESIGN.md §2), unforeseen ones one line and exit 2; -vv prints the
+traceback of either above that line (the exit code stays the same).
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ class LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="bnsurgery")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (repeatable).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: validate lists its info findings, logging at INFO; -vv: logging at DEBUG, and an "
+    "error's Python traceback above its one-line message.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -227,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = cli.main(args=args, standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BnSurgeryError as exc:
+        if verbose > 1:
+            _print_traceback()
         click.echo(f"bnsurgery: error: {exc}", err=True)
         code = exc.exit_code
     except click.exceptions.Exit as exc:
@@ -237,17 +246,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("bnsurgery: aborted", err=True)
         code = EXIT_BAD_INPUT
-    except Exception as exc:  # a bug or an unforeseen input: one line unless -vv
+    except Exception as exc:  # a bug or an unforeseen input: one line (after the traceback, -vv)
         if verbose > 1:
-            raise
+            _print_traceback()
         if is_onnxruntime_error(exc):  # ORT rejected or could not run the model: bad input
             message = f"ONNX Runtime cannot run the model: {first_line(exc)}"
         else:
-            message = f"{type(exc).__name__}: {first_line(exc)} (run with -vv for details)"
+            details = "" if verbose > 1 else " (run with -vv for details)"
+            message = f"{type(exc).__name__}: {first_line(exc)}{details}"
         click.echo(f"bnsurgery: error: {message}", err=True)
         code = EXIT_BAD_INPUT
     sys.stdout.flush()
     return code
+
+
+def _print_traceback() -> None:
+    """-vv: the traceback of the error being handled, on stderr, above its one-line message."""
+    import traceback
+
+    click.echo(traceback.format_exc().rstrip(), err=True)
 
 
 def run() -> None:

@@ -129,3 +129,52 @@ def test_a_pipeline_file_that_is_not_text_is_named_without_a_codec_error(tmp_pat
     with pytest.raises(BadInputError, match=r"deploy.toml: not a pipeline file") as info:
         bnsurgery.run_pipeline(binary, CNN)
     assert "codec" not in str(info.value)
+
+
+# -- what -v and -vv show --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_vv_shows_the_traceback_of_a_bad_input_error(cli, tmp_path, where: str) -> None:
+    """The README: -vv prints the traceback of any error, bad input included, above the same
+    one line, with the same exit code."""
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not numpy")
+    args = ["compare", CNN, CNN, "--data", garbage]
+    code, _, plain = cli(*args)
+    assert code == 2 and len(plain.strip().splitlines()) == 1
+    code, _, err = cli(*(["-vv", *args] if where == "before" else [*args, "-vv"]))
+    assert code == 2
+    assert err.startswith("Traceback (most recent call last):")
+    assert "bnsurgery.errors.DataError: " in err
+    assert err.strip().splitlines()[-1] == plain.strip()
+
+
+def test_vv_shows_the_traceback_of_an_unforeseen_error_and_still_exits_2(
+    cli, tmp_path, monkeypatch
+) -> None:
+    import bnsurgery.stats
+
+    def broken(_files: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bnsurgery.stats, "merge_files", broken)
+    args = ["merge-stats", tmp_path / "a.npz", "-o", tmp_path / "m.npz"]
+    code, _, err = cli(*args)
+    assert code == 2 and err.strip() == (
+        "bnsurgery: error: RuntimeError: a bug (run with -vv for details)"
+    )
+    code, _, err = cli("-vv", *args)
+    assert code == 2 and "Traceback" in err and 'raise RuntimeError("a bug")' in err
+    assert err.strip().splitlines()[-1] == "bnsurgery: error: RuntimeError: a bug"
+
+
+def test_vv_leaves_usage_errors_one_line(cli) -> None:
+    code, _, err = cli("-vv", "fold", CNN, "--no-such-option")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_v_lists_validates_info_findings(cli) -> None:
+    _, plain, _ = cli("validate", CNN)
+    _, verbose, _ = cli("-v", "validate", CNN)
+    assert "bn-not-folded  [" not in plain and "bn-not-folded  [" in verbose
