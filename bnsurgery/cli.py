@@ -178,10 +178,13 @@ def info(message: str) -> None:
         click.echo(message, err=True)
 
 
-def data_notes(source_description: str | None) -> None:
-    """Say on stderr when the data a command ran on is synthetic (random:N)."""
+def data_notes(source_description: str | None, notes: Sequence[str] = ()) -> None:
+    """Say on stderr when the data a command ran on is synthetic (random:N), and what reading
+    it noted (an array used under another name)."""
     if source_description and source_description.startswith("random:"):
         info(f"note: DATA is synthetic ({source_description})")
+    for note in notes:
+        info(f"note: {source_description}: {note}" if source_description else f"note: {note}")
 
 
 class ProgressBar:

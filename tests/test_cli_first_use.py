@@ -4,8 +4,10 @@ swapped arguments recognised, tracebacks exactly where the README says, and data
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from conftest import SAMPLES, sha256
 
@@ -178,3 +180,61 @@ def test_v_lists_validates_info_findings(cli) -> None:
     _, plain, _ = cli("validate", CNN)
     _, verbose, _ = cli("-v", "validate", CNN)
     assert "bn-not-folded  [" not in plain and "bn-not-folded  [" in verbose
+
+
+# -- an .npz whose only array has another name -----------------------------------------------
+
+STAND_IN = "using the only array 'x' for input 'input'"
+
+
+@pytest.fixture
+def other_key_npz(tmp_path) -> Path:
+    """Four digits-shaped samples under the key 'x'; the digits models' input is 'input'."""
+    path = tmp_path / "x.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    return path
+
+
+def test_the_data_source_notes_the_stand_in_array(other_key_npz) -> None:
+    import onnx
+
+    from bnsurgery.data import load_data
+
+    model = onnx.load(CNN)
+    assert load_data(other_key_npz, model).notes == [STAND_IN]
+    assert load_data(other_key_npz.parent, model).notes == [STAND_IN]  # a folder of such files
+    assert load_data({"x": np.zeros((2, 1, 8, 8), np.float32)}, model).notes == [STAND_IN]
+    assert load_data([{"x": np.zeros((2, 1, 8, 8), np.float32)}], model).notes == [STAND_IN]
+    np.savez(other_key_npz, input=np.zeros((2, 1, 8, 8), np.float32))
+    assert load_data(other_key_npz, model).notes == []  # the right key: nothing to say
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compare", CNN, CNN, "--data", "{data}"],
+        ["validate", CNN, "--data", "{data}"],
+        ["reestimate", CNN, "--data", "{data}", "-o", "{out}"],
+        ["insert", SAMPLES / "digits_cnn_nobn.onnx", "--calibrate", "{data}", "-o", "{out}"],
+        ["adapt", CNN, "--target", "{data}", "-o", "{out}"],
+        [
+            "adapt",
+            SAMPLES / "digits_cnn_nobn.onnx",
+            "--source",
+            "{data}",
+            "--target",
+            "random:8",
+            "-o",
+            "{out}",
+        ],
+    ],
+    ids=["compare", "validate", "reestimate", "insert", "adapt-target", "adapt-source"],
+)
+def test_every_command_that_reads_data_says_which_array_it_used(
+    cli, tmp_path, other_key_npz, args
+) -> None:
+    filled = [str(a).format(data=other_key_npz, out=tmp_path / "out.onnx") for a in args]
+    code, out, err = cli(*filled)
+    assert code == 0, err
+    assert STAND_IN in out + err

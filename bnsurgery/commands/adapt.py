@@ -125,5 +125,8 @@ def adapt_command(
             progress=bar,
         )
     payload = result.report.to_dict()
-    data_notes(payload["reestimate"]["data"])
+    calibration = (payload["inserted"] or {}).get("calibration")
+    if calibration:  # SOURCE, when the model had no BN
+        data_notes(calibration["data"], calibration["data_notes"])
+    data_notes(payload["reestimate"]["data"], payload["reestimate"]["data_notes"])
     save_and_emit(as_json, result.model, out, payload, lambda: render_adapt(payload))

@@ -135,7 +135,7 @@ def insert_command(
         )
     payload = result.report.to_dict()
     if payload.get("calibration"):
-        data_notes(payload["calibration"]["data"])
+        data_notes(payload["calibration"]["data"], payload["calibration"]["data_notes"])
     if payload["inserted"]:
         save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))
     elif output is not None and not in_place:  # asked for a file by name: write it, say why

@@ -186,7 +186,7 @@ def reestimate_command(
             progress=bar,
         )(original)
     report = result.report
-    data_notes(report.data)  # type: ignore[attr-defined]
+    data_notes(report.data, report.data_notes)  # type: ignore[attr-defined]
     if save_stats is not None:
         report.stats.save(save_stats)  # type: ignore[attr-defined]
     payload = report.to_dict()
