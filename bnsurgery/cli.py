@@ -28,20 +28,55 @@ from bnsurgery.errors import (
     is_onnxruntime_error,
 )
 
-# name -> (module, attribute) of every command; each module defines one click command. They
-# are imported only when used, so `bnsurgery fold` does not pay for the harness and validate.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "fold": ("bnsurgery.commands.fold", "fold_command"),
-    "info": ("bnsurgery.commands.fold", "info_command"),
-    "compare": ("bnsurgery.commands.compare", "compare_command"),
-    "insert": ("bnsurgery.commands.insert", "insert_command"),
-    "reestimate": ("bnsurgery.commands.reestimate", "reestimate_command"),
-    "merge-stats": ("bnsurgery.commands.merge_stats", "merge_stats_command"),
-    "adapt": ("bnsurgery.commands.adapt", "adapt_command"),
-    "validate": ("bnsurgery.commands.validate", "validate_command"),
-    "run": ("bnsurgery.commands.run", "run_command"),
-    "plugins": ("bnsurgery.commands.plugins", "plugins_command"),
-}
+# name -> (module, attribute, summary) of every command; each module defines one click command.
+# They are imported only when used, so `bnsurgery fold` does not pay for the harness and
+# validate, and `bnsurgery --help` lists them from the summaries here without importing onnx
+# or numpy (a test keeps each summary equal to its command's own first help line).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "fold": (
+        "bnsurgery.commands.fold", "fold_command",
+        "Fold BatchNormalization into neighbouring Conv/ConvTranspose/Gemm/MatMul.",
+    ),
+    "info": (
+        "bnsurgery.commands.fold", "info_command",
+        "List every BN and what fold would do with it (a dry run: nothing is written).",
+    ),
+    "compare": (
+        "bnsurgery.commands.compare", "compare_command",
+        "Compare REFERENCE with CANDIDATE (or with itself on other providers) on ONNX Runtime.",
+    ),
+    "insert": (
+        "bnsurgery.commands.insert", "insert_command",
+        "Insert a BatchNormalization after each selected node not already followed by one.",
+    ),
+    "reestimate": (
+        "bnsurgery.commands.reestimate", "reestimate_command",
+        "Re-estimate the BatchNormalization statistics of MODEL on DATA.",
+    ),
+    "merge-stats": (
+        "bnsurgery.commands.merge_stats", "merge_stats_command",
+        "Merge BN statistics files exactly (Chan's formula, float64).",
+    ),
+    "adapt": (
+        "bnsurgery.commands.adapt", "adapt_command",
+        "Adapt MODEL to TARGET's input distribution by re-estimating its BN statistics.",
+    ),
+    "validate": (
+        "bnsurgery.commands.validate", "validate_command",
+        "Gate a model before it ships: BN health, foldability, fold verification, provider "
+        "parity, the ONNX checker and shape inference.",
+    ),
+    "run": (
+        "bnsurgery.commands.run", "run_command",
+        "Run the passes PIPELINE (a TOML file) declares on MODEL and write the result.",
+    ),
+    "plugins": (
+        "bnsurgery.commands.plugins", "plugins_command",
+        "List passes (entry points `bnsurgery.passes`) and validate checks "
+        "(`bnsurgery.checks`), built-in and from installed plugins; plugins that fail to load "
+        "are listed with the error.",
+    ),
+}  # fmt: skip
 
 
 log = logging.getLogger("bnsurgery")
@@ -64,9 +99,20 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
-        module_name, attr = COMMANDS[cmd_name]
+        module_name, attr, _ = COMMANDS[cmd_name]
         command: click.Command = getattr(importlib.import_module(module_name), attr)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of --help, from COMMANDS' summaries: no command module (and so
+        no onnx, numpy or onnxruntime) is imported to show it."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [  # a help-only stand-in shortens each summary exactly as the command would
+            (name, click.Command(name, help=summary).get_short_help_str(limit))
+            for name, (_, _, summary) in COMMANDS.items()
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(
@@ -244,7 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         code = int(exc.exit_code)
     except click.ClickException as exc:
-        click.echo(f"bnsurgery: error: {exc.format_message()}", err=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `bnsurgery`: help, not an error
+            click.echo(exc.format_message(), err=True)
+        else:
+            click.echo(f"bnsurgery: error: {exc.format_message()}", err=True)
         code = EXIT_BAD_INPUT
     except click.exceptions.Abort:
         click.echo("bnsurgery: aborted", err=True)
