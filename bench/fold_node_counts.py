@@ -1,13 +1,16 @@
 """Node counts of the sample models after `bnsurgery fold` and after ONNX Runtime's own
-BASIC-level optimisation (which fuses Conv+BN), side by side. Writes JSON and a markdown table.
+BASIC-level optimisation (which fuses Conv+BN), side by side. Writes JSON (to --out, by default
+under the git-ignored bench/.cache/results/) and prints a markdown table.
 
-    python bench/fold_node_counts.py --out docs/fold_node_counts.json
+    python bench/fold_node_counts.py                 # JSON to bench/.cache/results/
+    python bench/fold_node_counts.py --write-docs    # ... and to docs/fold_node_counts.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -16,6 +19,9 @@ import onnx
 import onnxruntime as ort
 
 import bnsurgery
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _outputs as outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet_small", "digits_cnn", "digits_mlp")
@@ -37,8 +43,8 @@ def counts(model: onnx.ModelProto) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "fold_node_counts.json")
-    args = parser.parse_args()
+    outputs.add_arguments(parser, "fold_node_counts", "docs/fold_node_counts.json")
+    args = outputs.parse_args(parser, None)
     rows = {}
     for name in MODELS:
         path = ROOT / "sample_models" / f"{name}.onnx"
@@ -48,7 +54,10 @@ def main() -> None:
             "onnxruntime_basic": counts(ort_basic(path)),
         }
     rows["onnxruntime_version"] = ort.__version__  # type: ignore[assignment]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, ROOT / "docs" / "fold_node_counts.json")
     print("| model | original nodes (BN) | bnsurgery fold | ORT BASIC |")
     print("|---|---|---|---|")
     for name in MODELS:
