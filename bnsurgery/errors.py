@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -32,6 +34,49 @@ class DataError(BadInputError):
     """DATA that does not fit the model (missing input, wrong shape or dtype, bad labels key)."""
 
 
+class EngineCrashed(BadInputError):
+    """ONNX Runtime died in the isolated process that ran it (a signal such as SIGSEGV, or an
+    exit without a result): the model is one the engine cannot survive, so bad input (exit 2).
+    `signal_number` or `exit_status` says how it ended."""
+
+    def __init__(
+        self, what: str, signal_number: int | None = None, exit_status: int | None = None
+    ) -> None:
+        self.what = what
+        self.signal_number = signal_number
+        self.exit_status = exit_status
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        number, what, status = self.signal_number, self.what, self.exit_status
+        if number is None:
+            return f"ONNX Runtime ended without a result (exit status {status}) running {what}"
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        hint = " (killed; out of memory?)" if number == signal.SIGKILL else ""
+        return f"ONNX Runtime crashed (signal {number}, {name}) running {what}{hint}"
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, int | None]]:
+        return type(self), (self.what, self.signal_number, self.exit_status)
+
+
+class EngineError(Exception):
+    """An exception of onnxruntime's own that was raised in the isolated process and could not
+    travel back as itself (its type does not pickle): the original type's name and module, and
+    its message, which `str()` returns unchanged. `is_onnxruntime_error` recognises it."""
+
+    def __init__(self, type_name: str, module: str, message: str) -> None:
+        super().__init__(type_name, module, message)
+        self.type_name = type_name
+        self.module = module
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class EnvironmentProblem(BnSurgeryError):
     """A requested execution provider is unavailable, or an optional dependency is missing."""
 
@@ -46,8 +91,8 @@ class CheckFailed(BnSurgeryError):
 
 def is_onnxruntime_error(exc: BaseException) -> bool:
     """An error raised by onnxruntime itself (a kernel it lacks, a model it rejects), as
-    opposed to a bug on our side."""
-    return type(exc).__module__.startswith("onnxruntime")
+    opposed to a bug on our side; also one carried back from an isolated child as EngineError."""
+    return isinstance(exc, EngineError) or type(exc).__module__.startswith("onnxruntime")
 
 
 def first_line(exc: BaseException) -> str:

@@ -241,6 +241,8 @@ class GraphIndex:
             if value is None or value.size > MAX_FOLD_ELEMENTS:
                 return None
             inputs.append(value)
+        if producer.op_type == "Unsqueeze":
+            return _unsqueeze(producer, inputs, self.scope.opset)
         return _evaluate_node(producer, inputs, self.scope.opset, name)
 
     def forget_constant(self, name: str) -> None:
@@ -312,6 +314,33 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None
+
+
+def _unsqueeze(
+    node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int
+) -> np.ndarray | None:
+    """Unsqueeze evaluated here, not by onnx.reference: its Unsqueeze-11 puts negative axes in
+    the wrong place (axes [-2, -1] on a [C] vector give [1, C, 1], not [C, 1, 1]). Axes count
+    from the end of the output; None for axes that are repeated or out of range."""
+    data = inputs[0] if inputs else None
+    if opset >= 13:
+        axes_value = inputs[1] if len(inputs) > 1 else None
+        axes = None if axes_value is None else [int(a) for a in np.ravel(axes_value)]
+    else:
+        axes = next(
+            (list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "axes"),
+            None,
+        )
+    if data is None or not axes:
+        return None
+    rank = data.ndim + len(axes)
+    normalised = sorted(a + rank if a < 0 else a for a in axes)
+    if len(set(normalised)) != len(normalised) or not all(0 <= a < rank for a in normalised):
+        return None
+    value = np.asarray(data)
+    for axis in normalised:  # ascending, so each axis is already its place in the output
+        value = np.expand_dims(value, axis)
+    return value
 
 
 def _evaluate_node(

@@ -25,10 +25,12 @@ so neither the load nor the save passes the unchanged weights through protobuf.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -42,6 +44,7 @@ from bnsurgery.errors import BadInputError, UnsafePathError, UsageError
 from bnsurgery.proto_text import first_non_text_name
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto  # or an onnx_ir.Model
+log = logging.getLogger("bnsurgery")
 
 
 def _from_onnx_ir(source: object) -> object:
@@ -91,14 +94,14 @@ def load_model(
     if isinstance(source, onnx.ModelProto):
         model = source
         if check:
-            check_model(model)
+            model = _checked(model, "model", lambda: check_model(source))
     elif isinstance(source, bytes | bytearray):
         data = bytes(source)
         model = _parse_bytes(data, "<bytes>")
         if any(uses_external_data(t) for t in _all_tensors(model)):
             raise BadInputError("model given as bytes refers to external data; pass its path")
         if check:
-            _check_serialized(data)
+            model = _checked(model, "<bytes>", lambda: _check_serialized(data))
     else:
         model = _load_path(Path(source), check=check, lazy=external_data == "lazy")
     return model
@@ -130,9 +133,9 @@ def _load_path(path: Path, *, check: bool, lazy: bool) -> onnx.ModelProto:
         # serialisation of the loaded model (which costs as much as writing it). With external
         # data the file is checked by path, after our own checks of every location above.
         if external:
-            _check_path(path)
+            model = _checked(model, str(path), lambda: _check_path(path))
         else:
-            _check_serialized(data)
+            model = _checked(model, str(path), lambda: _check_serialized(data))
     return model
 
 
@@ -171,10 +174,49 @@ def _load_embedded_lazily(path: Path, *, check: bool) -> onnx.ModelProto | None:
         )
     if check:
         if external:
-            _check_path(path)
+            model = _checked(model, str(path), lambda: _check_path(path))
         else:
-            _check_serialized(_checkable_skeleton(model).SerializeToString())
+            skeleton = _checkable_skeleton(model).SerializeToString()
+            model = _checked(model, str(path), lambda: _check_serialized(skeleton))
     return model
+
+
+def _checked(
+    model: onnx.ModelProto, label: str, run_checker: Callable[[], None]
+) -> onnx.ModelProto:
+    """`model` if the checker accepts it. A model it refuses only where ONNX Runtime is
+    lenient (bnsurgery.compat) comes back normalised, with a note on stderr (the CLI prints it
+    unless --quiet); anything else is the checker's failure, as bad input."""
+    try:
+        run_checker()
+        return model
+    except BadInputError as failure:
+        from bnsurgery import compat
+
+        accepted = compat.accept(model, _check_with_stubs)
+        if accepted is None:
+            raise failure from None
+        fixed, note = accepted
+        log.warning("note: %s: %s", label, note)
+        return fixed
+
+
+def _check_with_stubs(model: onnx.ModelProto) -> None:
+    """The checker on the model in memory; each tensor whose data is elsewhere (external or
+    left lazily in the file) becomes an empty stub, its location and size checked already."""
+    stubbed = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not stubbed:
+        check_model(model)
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in _all_tensors(copy):
+        if uses_external_data(tensor):
+            del tensor.dims[:]
+            tensor.dims.append(0)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+    check_model(copy)
 
 
 def _checkable_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -660,6 +660,29 @@ def bn_extra_outputs(opset: int = 9, c: int = 4) -> onnx.ModelProto:
     )
 
 
+def ort_crashing_bn(opset: int = 13, c: int = 4) -> onnx.ModelProto:
+    """A BN (opsets 9..13, no training_mode attribute) that declares its optional outputs but
+    leaves running mean and var unnamed: Y, "", "", saved_mean, saved_var. A valid model (the
+    ONNX checker passes it), yet ONNX Runtime's CPU kernel takes the extra outputs for training
+    mode and writes the running statistics it was not given: session creation succeeds and
+    the first run dies with SIGSEGV, with graph optimizations off or on. Seen crashing with
+    onnxruntime 1.19.2, 1.22.1, 1.26.0, 1.30.0 and 1.32.0 (CPU, Linux x86-64)."""
+    r = rng(23)
+    inits = [init("W", weight(r, [c, 3, 3, 3])), *bn_inits("bn", bn_stats(r, c))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv_out"], name="conv"),
+        bn_node("bn", "conv_out", "y", outputs=["", "", "saved_mean", "saved_var"]),
+    ]
+    return make(
+        nodes,
+        [vi("x", [2, 3, 5, 5])],
+        [vi("y", [2, c, 3, 3])],
+        inits,
+        opset=opset,
+        name="ort_crash",
+    )
+
+
 def spatial0_bn(c: int = 4, size: int = 3) -> onnx.ModelProto:
     """Opset 7, spatial=0: per-activation statistics of shape [C, H, W]."""
     r = rng(24)

@@ -30,6 +30,7 @@ from bnsurgery.bn import (
 from bnsurgery.graph import FOLDABLE_OPS, GraphIndex, NameGenerator, Scope, iter_scopes
 from bnsurgery.passes import PassResult, register
 from bnsurgery.passes import fold_math as fm
+from bnsurgery.passes.fold_layout import LAYOUT_OPS, LayoutError, LayoutStep, channel_map
 from bnsurgery.passes.fold_report import AffineFold, BnDecision, FoldReport
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -92,6 +93,8 @@ class Plan:
     attributes: dict[str, float] = field(default_factory=dict)  # attributes of target to set
     become_gemm: bool = False  # MatMul -> Gemm(A, B', C')
     rewire: onnx.NodeProto | None = None  # backward: the node whose input becomes site.x
+    # forward through Identity/Reshape/Transpose/Flatten: those nodes, upstream first
+    chain: list[onnx.NodeProto] = field(default_factory=list)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -384,14 +387,26 @@ class _ScopeFolder:
 
     # -- forward --------------------------------------------------------------------------
     def plan_forward(self, site: Site) -> Plan:
+        chain = self._layout_chain(site.x)
+        head = self.index.producer(chain[0].input[0]) if chain else None
+        if head is not None and head.output[0] == chain[0].input[0] and self._leads(head):
+            for node in chain:
+                self._require_single_use(node.output[0], node)
+            plan = self._forward_into(self._site_through(site, chain, head), head)
+            plan.chain = chain
+            return plan
         producer = self.index.producer(site.x)
         if producer is None or producer.output[0] != site.x:
             raise Refusal("no-linear-neighbour", "its input is not produced by a linear op")
+        return self._forward_into(site, producer)
+
+    def _forward_into(self, site: Site, producer: onnx.NodeProto) -> Plan:
         op = producer.op_type
         foldable = op in LINEAR_OPS or op == "BatchNormalization" or op == "Add"
         if not foldable:
-            if op in NONLINEAR_OPS and self._linear_upstream(producer):
-                raise Refusal("nonlinear-between", f"{op} '{producer.name}' precedes it")
+            between = self._nonlinear_path(site.x, upstream=True)
+            if between:
+                raise Refusal("nonlinear-between", f"{between} between it and a linear op")
             raise Refusal("no-linear-neighbour", f"its input comes from {op}")
         if op == "Add" and not self._is_matmul_bias_add(producer):
             raise Refusal("no-linear-neighbour", "its input comes from Add")
@@ -498,9 +513,100 @@ class _ScopeFolder:
                     return producer
         raise Refusal("no-linear-neighbour", "Add is not a MatMul bias")
 
-    def _linear_upstream(self, node: onnx.NodeProto) -> bool:
-        producer = self.index.producer(node.input[0]) if node.input else None
-        return producer is not None and producer.op_type in LINEAR_OPS
+    def _leads(self, head: onnx.NodeProto) -> bool:
+        """An op a layout chain may lead back to: a linear op, a MatMul's bias Add, a BN."""
+        if head.domain not in ("", "ai.onnx"):
+            return False
+        if head.op_type == "Add":
+            return self._is_matmul_bias_add(head)
+        return head.op_type in LINEAR_OPS or head.op_type == "BatchNormalization"
+
+    def _layout_chain(self, name: str) -> list[onnx.NodeProto]:
+        """The Identity/Reshape/Transpose/Flatten nodes right above `name`, upstream first."""
+        chain: list[onnx.NodeProto] = []
+        node = self.index.producer(name)
+        while (
+            node is not None
+            and node.op_type in LAYOUT_OPS
+            and node.domain in ("", "ai.onnx")
+            and node.output[0] == name
+            and node.input
+            and len(chain) < 8
+        ):
+            chain.insert(0, node)
+            name = node.input[0]
+            node = self.index.producer(name)
+        return chain
+
+    def _site_through(self, site: Site, chain: list[onnx.NodeProto], head: onnx.NodeProto) -> Site:
+        """The BN's affine as seen at the head's output: its vectors gathered per head channel
+        (channel_map proves each head channel lands on one BN channel)."""
+        source = chain[0].input[0]
+        if all(node.op_type == "Identity" for node in chain):
+            return Site(site.node, source, site.y, site.s, site.t)
+        shape = self.owner.shape(source)
+        ops = " -> ".join(node.op_type for node in chain)
+        last_axis = head.op_type in ("MatMul", "Add")  # MatMul's channels are its last axis
+        axis = (len(shape) - 1 if last_axis else 1) if shape else 0
+        try:
+            steps = [self._layout_step(node) for node in chain]
+            mapping = channel_map(steps, shape or (), axis, site.s.size)
+        except LayoutError as exc:
+            raise Refusal("channel-axis-mismatch", f"through {ops}: {exc}") from None
+        return Site(site.node, source, site.y, site.s[mapping], site.t[mapping])
+
+    def _layout_step(self, node: onnx.NodeProto) -> LayoutStep:
+        op = node.op_type
+        if op == "Transpose":
+            perm = _attr(node, "perm", None)
+            return LayoutStep(op, perm=tuple(int(p) for p in perm) if perm else None)
+        if op == "Flatten":
+            return LayoutStep(op, axis=int(_attr(node, "axis", 1)))
+        if op == "Reshape":
+            target = self.index.constant(node.input[1]) if len(node.input) > 1 else None
+            if target is None and len(node.input) == 1:  # Reshape-1: the shape is an attribute
+                target = _attr(node, "shape", None)
+            if target is None:
+                raise LayoutError("the Reshape target is not a constant")
+            dims = tuple(int(d) for d in np.ravel(target))
+            return LayoutStep(op, target=dims, allowzero=bool(_attr(node, "allowzero", 0)))
+        return LayoutStep(op)
+
+    def _nonlinear_path(self, name: str, *, upstream: bool) -> str:
+        """The ops between a BN and the nearest linear op on a single path, when one of them is
+        a nonlinearity ("Mul -> Add -> Relu"); "" when there is no such path. Per-channel
+        constant Mul/Add/Sub/Div, layout ops and other BNs may stand on the path too."""
+        ops: list[str] = []
+        nonlinear = False
+        for _ in range(16):
+            if upstream:
+                node = self.index.producer(name)
+            else:
+                users = self.index.consumers_of(name)
+                single = len(users) == 1 and not self.index.is_graph_output(name)
+                node = users[0] if single else None
+            if node is None:
+                return ""
+            if node.op_type in LINEAR_OPS:
+                return " -> ".join(reversed(ops) if upstream else ops) if nonlinear else ""
+            data = self._data_input(node)
+            if data is None:
+                return ""
+            nonlinear |= node.op_type in NONLINEAR_OPS
+            ops.append(node.op_type)
+            name = data if upstream else node.output[0]
+        return ""
+
+    def _data_input(self, node: onnx.NodeProto) -> str | None:
+        """The one input a path through `node` follows, or None if the path cannot pass."""
+        op = node.op_type
+        if op in NONLINEAR_OPS or op in LAYOUT_OPS or op == "BatchNormalization":
+            return node.input[0] if node.input else None
+        if op in AFFINE_OPS and len(node.input) == 2:
+            constant = [self.index.constant(n) is not None for n in node.input]
+            if constant.count(True) == 1:
+                return node.input[constant.index(False)]
+        return None
 
     # -- backward -------------------------------------------------------------------------
     def plan_backward(self, site: Site) -> Plan:
@@ -511,8 +617,9 @@ class _ScopeFolder:
             consumer, position = self._single_consumer(flatten.output[0])
         op = consumer.op_type
         if op not in LINEAR_OPS:
-            if op in NONLINEAR_OPS and self._linear_downstream(consumer):
-                raise Refusal("nonlinear-between", f"{op} '{consumer.name}' follows it")
+            between = self._nonlinear_path(site.y, upstream=False)
+            if between:
+                raise Refusal("nonlinear-between", f"{between} between it and a linear op")
             raise Refusal("no-linear-neighbour", f"its output goes to {op}")
         if position != 0:
             raise Refusal("no-linear-neighbour", f"it feeds input {position} of {op}, not data")
@@ -540,10 +647,6 @@ class _ScopeFolder:
         if len(positions) != 1:
             raise Refusal("no-linear-neighbour", f"'{name}' is read implicitly or twice")
         return user, positions[0]
-
-    def _linear_downstream(self, node: onnx.NodeProto) -> bool:
-        users = self.index.consumers_of(node.output[0])
-        return len(users) == 1 and users[0].op_type in LINEAR_OPS
 
     def _conv_backward(self, site: Site, conv: onnx.NodeProto) -> Plan:
         w, b = self.weight(conv, 1), self.optional_const(conv, 2)
@@ -673,13 +776,26 @@ class _ScopeFolder:
         self.owner.detached.update(n for n in site.node.input if n != site.x)
         self.index.remove_node(site.node)
         if forward:
-            producer = self.index.producer(site.x)
+            producer = self.index.producer(plan.chain[0].input[0] if plan.chain else site.x)
             assert producer is not None
-            self.index.set_output(producer, 0, site.y)
+            self._relink(producer, plan.chain, site.y)
         else:
             assert plan.rewire is not None
             position = list(plan.rewire.input).index(site.y)
             self.index.set_input(plan.rewire, position, site.x)
+
+    def _relink(self, producer: onnx.NodeProto, chain: list[onnx.NodeProto], y: str) -> None:
+        """After a forward fold: Identity nodes of the chain go, the others keep their places
+        under new output names (their values have changed), and the last one outputs y."""
+        kept = [node for node in chain if node.op_type != "Identity"]
+        for node in chain:
+            if node.op_type == "Identity":
+                self.index.remove_node(node)
+        names = [self.owner.names(f"{node.input[0]}_folded") for node in kept] + [y]
+        self.index.set_output(producer, 0, names[0])
+        for i, node in enumerate(kept):
+            self.index.set_input(node, 0, names[i])
+            self.index.set_output(node, 0, names[i + 1])
 
     def _write_param(self, write: Write) -> None:
         node, index = write.node, write.index
