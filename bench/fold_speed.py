@@ -17,7 +17,8 @@ Wall time is from spawn to exit (process start-up and imports included, for ever
 `inner_s` is the worker's own load-to-save time, imports excluded (cli has none). Peak RSS is
 each child's own ru_maxrss (os.wait4). Ratios are of medians from the same run.
 
-    python bench/fold_speed.py                      # full run, JSON to docs/bench/fold_speed.json
+    python bench/fold_speed.py                      # full run, JSON to bench/.cache/results/
+    python bench/fold_speed.py --write-docs         # ... and to docs/bench/fold_speed.json
     python bench/fold_speed.py --smoke --out /tmp/s.json   # seconds, no anchors
 """
 
@@ -33,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+import _outputs as outputs
 
 ANCHORS = ("onnxoptimizer", "onnxsim", "onnxscript", "ort_basic")
 ANCHOR_MODULES = {
@@ -154,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", default=",".join(ANCHORS), help="comma list, or 'none'")
     parser.add_argument("--no-verify-run", action="store_true", help="skip the cli_verify tool")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 runs, no anchors")
-    parser.add_argument("--out", type=Path, default=c.ROOT / "docs" / "bench" / "fold_speed.json")
+    outputs.add_arguments(parser, "fold_speed", "docs/bench/fold_speed.json")
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.smoke:
         args.models, args.runs, args.anchors = "small_stack", 2, "none"
     requested = [] if args.anchors == "none" else [a for a in args.anchors.split(",") if a]
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {m["model"]: targets(m) for m in models},
     }
     c.write_json(args.out, payload)
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("fold_speed"))
     if args.plot is not None:
         plot(payload, args.plot)
     for m in models:

@@ -5,7 +5,8 @@ allowed to fuse) and ORT_ENABLE_ALL (ORT fuses Conv+BN itself), at batch 1 and b
 original and the folded session are timed alternately, iteration by iteration, so background
 noise hits both alike; the median per-iteration latency is reported, after warm-up runs.
 
-    python bench/inference_latency.py                         # JSON to docs/bench/
+    python bench/inference_latency.py                         # JSON to bench/.cache/results/
+    python bench/inference_latency.py --write-docs            # ... and to docs/bench/
     python bench/inference_latency.py --smoke --out /tmp/l.json
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+import _outputs as outputs
 import numpy as np
 import onnxruntime as ort
 
@@ -159,11 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters-large", type=int, default=10, help="iterations at batch > 1")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument(
-        "--out", type=Path, default=c.ROOT / "docs" / "bench" / "inference_latency.json"
-    )
+    outputs.add_arguments(parser, "inference_latency", "docs/bench/inference_latency.json")
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.smoke:
         args.models, args.batches, args.iters, args.iters_large = "small_stack", "1,4", 5, 3
     batches = [int(b) for b in args.batches.split(",")]
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {m["model"]: targets(m) for m in models},
     }
     c.write_json(args.out, payload)
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("inference_latency"))
     if args.plot is not None:
         plot(payload, args.plot)
     for m in models:

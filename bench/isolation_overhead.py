@@ -16,6 +16,7 @@ isolated child's included) is reported beside wall time: it is the steadier of t
 machine that other work shares.
 
     python bench/isolation_overhead.py                  # resnet_small and ResNet-50, 5 runs
+    python bench/isolation_overhead.py --write-docs     # ... and docs/bench/isolation.json
     python bench/isolation_overhead.py --smoke --out /tmp/iso.json
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _outputs as outputs
 from _common import ROOT, cached_model, machine, write_json
 
 from bnsurgery.harness.isolation import isolation_enabled, run_isolated
@@ -142,8 +144,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--smoke", action="store_true", help="resnet_small only, 1 run")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "isolation.json")
-    args = parser.parse_args()
+    outputs.add_arguments(parser, "isolation", "docs/bench/isolation.json")
+    args = outputs.parse_args(parser, None)
     if not isolation_enabled():
         sys.exit("isolation is off here (not Linux, or BNSURGERY_ISOLATION=0): nothing to measure")
     names = ["resnet_small"] if args.smoke else list(MODELS)
@@ -164,6 +166,8 @@ def main() -> None:
             f"isolated and sent back {row['isolated_ms']:.1f} ms"
         )
     write_json(args.out, {"rows": rows, "transfers": transfers, "machine": machine()})
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("isolation"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ runs in a fresh process, alternately, `--runs` times:
 Peak RSS is each child's own ru_maxrss. The generated files are deleted at the end (unless
 --keep), since they take ~3 GB (plus ~3 GB per output while it exists).
 
-    python bench/large_model.py                          # ~3 GB, JSON to docs/bench/
+    python bench/large_model.py                          # ~3 GB, JSON to bench/.cache/results/
+    python bench/large_model.py --write-docs             # ... and to docs/bench/
     python bench/large_model.py --smoke --out /tmp/l.json   # a few MB
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+import _outputs as outputs
 
 TARGET_RSS_RATIO = 1.3
 TARGET_FLOOR_RATIO = 1.3
@@ -49,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated model")
     parser.add_argument("--smoke", action="store_true", help="4 layers of 64 channels, 1 run")
-    parser.add_argument("--out", type=Path, default=c.ROOT / "docs" / "bench" / "large_model.json")
+    outputs.add_arguments(parser, "large_model", "docs/bench/large_model.json")
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.smoke:
         args.layers, args.channels, args.runs = 4, 64, 1
     folder = c.CACHE / f"stack_{args.layers}x{args.channels}"
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     c.write_json(args.out, payload)
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("large_model"))
     if args.plot is not None:
         plot(payload, args.plot)
     for tool, s in summary.items():

@@ -11,7 +11,8 @@ The model is x -> BatchNormalization (4 channels), so the BN's input is the data
 the float64 reference (`Moments.of`) is exact. Data: N(r * s, s^2) per channel, s in [0.5, 2].
 The error is the tests' relative error (max |a - b| / max |b| over the channels).
 
-    python bench/moments_accuracy.py            # docs/bench/moments_accuracy.json + docs table
+    python bench/moments_accuracy.py               # JSON to bench/.cache/results/
+    python bench/moments_accuracy.py --write-docs  # ... + docs/bench/ and docs/reestimate.md
     python bench/moments_accuracy.py --smoke --out x.json
 """
 
@@ -29,7 +30,8 @@ from onnx import helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from render_benchmarks import replace_marked  # noqa: E402  (bench/ is the script's folder)
+import _outputs as outputs  # noqa: E402  (bench/ is the script's folder)
+from render_benchmarks import replace_marked  # noqa: E402
 
 from bnsurgery.passes import reestimate as engine  # noqa: E402
 from bnsurgery.stats import Moments, relative_error  # noqa: E402
@@ -105,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/bench/moments_accuracy.json")
+    outputs.add_arguments(
+        parser, "moments_accuracy", "docs/bench/moments_accuracy.json and docs/reestimate.md"
+    )
     parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     cases = (
         [((16, CHANNELS, 8, 8), 8)]
         if args.smoke
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
-    if not args.smoke:
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("moments_accuracy"))
         doc = ROOT / "docs/reestimate.md"
         doc.write_text(
             replace_marked(doc.read_text(), "moments_accuracy", markdown(results) + "\n")

@@ -16,7 +16,8 @@ Wall time is from spawn to exit for every tool (start-up, imports and data loadi
 the forward passes import onnxruntime and numpy only, bench/_workers.py); `inner_s` is the
 tool's own time for the pass itself. Batch size 64 everywhere.
 
-    python bench/reestimate_anchor.py                          # JSON to docs/bench/
+    python bench/reestimate_anchor.py                          # JSON to bench/.cache/results/
+    python bench/reestimate_anchor.py --write-docs             # ... and to docs/bench/
     python bench/reestimate_anchor.py --smoke --out /tmp/r.json   # seconds, no torch
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+import _outputs as outputs
 import numpy as np
 
 BATCH = 64
@@ -246,11 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 16 samples, no torch")
-    parser.add_argument(
-        "--out", type=Path, default=c.ROOT / "docs" / "bench" / "reestimate_anchor.json"
-    )
+    outputs.add_arguments(parser, "reestimate_anchor", "docs/bench/reestimate_anchor.json")
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.smoke:
         args.models, args.samples, args.runs, args.no_torch = "small_stack", 16, 1, True
     has_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {m["model"]: targets(m) for m in models},
     }
     c.write_json(args.out, payload)
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("reestimate_anchor"))
     if args.plot is not None:
         plot(payload, args.plot)
     for m in models:

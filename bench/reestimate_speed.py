@@ -16,8 +16,10 @@ new statistics). The data sit in memory for everyone, so file reading is not tim
 of medians over the rounds is reported; the issue's targets are batch <= 1.25 and
 exact <= 2.5 on the larger sample model (resnet_small, 20 BNs in 17 waves).
 
-    python bench/reestimate_speed.py   # docs/bench/reestimate_speed.json, and the table in
-                                       # docs/reestimate.md (between marker comments)
+    python bench/reestimate_speed.py                # JSON to bench/.cache/results/
+    python bench/reestimate_speed.py --write-docs   # ... + docs/bench/reestimate_speed.json and
+                                                    # the table in docs/reestimate.md (markers)
+    python bench/reestimate_speed.py --render       # redraw that table from docs/bench/'s JSON
     python bench/reestimate_speed.py --smoke --out x.json   # digits CNN, 2 rounds, JSON only
 """
 
@@ -38,6 +40,8 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import _outputs as outputs  # noqa: E402  (bench/ is the script's folder)
 
 from bnsurgery.passes.reestimate import reestimate  # noqa: E402
 
@@ -188,17 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/bench/reestimate_speed.json")
+    outputs.add_arguments(
+        parser, "reestimate_speed", "docs/bench/reestimate_speed.json and docs/reestimate.md"
+    )
     parser.add_argument(
         "--threads", default="0,1", help="intra-op thread counts to measure (0: ORT default)"
     )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
-        "--render", action="store_true", help="Only redraw the docs table from the JSON."
+        "--render",
+        action="store_true",
+        help="Only redraw the table in docs/reestimate.md from docs/bench/reestimate_speed.json.",
     )
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.render:
-        splice(ROOT / "docs/reestimate.md", markdown(json.loads(args.out.read_text())), "## Speed")
+        results = json.loads(outputs.docs_json("reestimate_speed").read_text())
+        splice(ROOT / "docs/reestimate.md", markdown(results), "## Speed")
         return 0
     model = ROOT / "sample_models/digits_cnn.onnx" if args.smoke else args.model
     samples, rounds = (256, 2) if args.smoke else (args.samples, args.rounds)
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     results["environment_after"] = environment()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    if not args.smoke:  # a smoke run never touches the docs
+    if args.write_docs:
+        outputs.copy_to_docs(args.out, outputs.docs_json("reestimate_speed"))
         splice(ROOT / "docs/reestimate.md", markdown(results), "## Speed")
     for run in results["runs"]:
         print(run["intra_op_threads"], json.dumps(run["ratio_to_forward"]))

@@ -11,12 +11,14 @@ contrast, brightness, blur, input gain). For every (corruption, severity) `bnsur
 runs on the corrupted *training* split with its labels dropped, and the adapted model is
 evaluated on the corrupted *test* split, for `exact`, `batch` and `exact --prior 16`.
 
-Writes docs/robustness.json (every number), docs/robustness.png (accuracy vs severity) and
-docs/robustness.md (tables, summary and analysis around the measured numbers).
+Writes robustness.json (every number), robustness.png (accuracy vs severity) and robustness.md
+(tables, summary and analysis around the measured numbers) to --out, by default the git-ignored
+bench/.cache/results/robustness/; the tracked copies in docs/ change only with --write-docs.
 
-    python bench/robustness.py            # full run, about a minute on 2 CPU cores
-    python bench/robustness.py --smoke    # two corruptions, severities 3 and 5, no files
-    python bench/robustness.py --render   # redraw .md and .png from docs/robustness.json
+    python bench/robustness.py                 # full run, about a minute on 2 CPU cores
+    python bench/robustness.py --write-docs    # ... and update docs/robustness.{json,png,md}
+    python bench/robustness.py --smoke         # two corruptions, severities 3 and 5, no files
+    python bench/robustness.py --render        # redraw docs' .md and .png from docs' .json
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import _outputs as outputs  # noqa: E402  (bench/ is the script's folder)
 
 import bnsurgery  # noqa: E402
 
@@ -473,15 +477,17 @@ def environment() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="A quick run that writes nothing.")
-    parser.add_argument("--out", type=Path, default=DOCS, help="Folder for the .md/.json/.png.")
+    outputs.add_arguments(parser, "robustness", "docs/robustness.{json,png,md}", folder=True)
     parser.add_argument(
-        "--render", action="store_true", help="Only redraw the .md and .png from the .json."
+        "--render",
+        action="store_true",
+        help="Only redraw docs/robustness.md and .png from docs/robustness.json.",
     )
-    args = parser.parse_args(argv)
+    args = outputs.parse_args(parser, argv)
     if args.render:
-        results = json.loads((args.out / "robustness.json").read_text())
-        plot(results, args.out / "robustness.png")
-        write_doc(results, args.out / "robustness.md")
+        results = json.loads((DOCS / "robustness.json").read_text())
+        plot(results, DOCS / "robustness.png")
+        write_doc(results, DOCS / "robustness.md")
         return 0
     if args.smoke:
         results = run(["contrast", "gaussian noise"], (3, 5))
@@ -494,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "robustness.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "robustness.png")
     write_doc(results, args.out / "robustness.md")
+    if args.write_docs:
+        for name in ("robustness.json", "robustness.png", "robustness.md"):
+            outputs.copy_to_docs(args.out / name, DOCS / name)
     print(json.dumps(results["summary"], indent=2))
+    print(f"wrote {args.out}/robustness.{{json,png,md}}")
     return 0
 
 

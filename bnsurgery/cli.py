@@ -2,7 +2,8 @@
 
 Every command lives in its own module under bnsurgery/commands/ and does three things: parse,
 call the Python API, render text or JSON. Errors derived from BnSurgeryError become one line on
-stderr and their exit code (DESIGN.md §2); nothing else prints a traceback unless -vv is given.
+stderr and their exit code (DESIGN.md §2), unforeseen ones one line and exit 2; -vv prints the
+traceback of either above that line (the exit code stays the same).
 """
 
 from __future__ import annotations
@@ -27,20 +28,55 @@ from bnsurgery.errors import (
     is_onnxruntime_error,
 )
 
-# name -> (module, attribute) of every command; each module defines one click command. They
-# are imported only when used, so `bnsurgery fold` does not pay for the harness and validate.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "fold": ("bnsurgery.commands.fold", "fold_command"),
-    "info": ("bnsurgery.commands.fold", "info_command"),
-    "compare": ("bnsurgery.commands.compare", "compare_command"),
-    "insert": ("bnsurgery.commands.insert", "insert_command"),
-    "reestimate": ("bnsurgery.commands.reestimate", "reestimate_command"),
-    "merge-stats": ("bnsurgery.commands.merge_stats", "merge_stats_command"),
-    "adapt": ("bnsurgery.commands.adapt", "adapt_command"),
-    "validate": ("bnsurgery.commands.validate", "validate_command"),
-    "run": ("bnsurgery.commands.run", "run_command"),
-    "plugins": ("bnsurgery.commands.plugins", "plugins_command"),
-}
+# name -> (module, attribute, summary) of every command; each module defines one click command.
+# They are imported only when used, so `bnsurgery fold` does not pay for the harness and
+# validate, and `bnsurgery --help` lists them from the summaries here without importing onnx
+# or numpy (a test keeps each summary equal to its command's own first help line).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "fold": (
+        "bnsurgery.commands.fold", "fold_command",
+        "Fold BatchNormalization into neighbouring Conv/ConvTranspose/Gemm/MatMul.",
+    ),
+    "info": (
+        "bnsurgery.commands.fold", "info_command",
+        "List every BN and what fold would do with it (a dry run: nothing is written).",
+    ),
+    "compare": (
+        "bnsurgery.commands.compare", "compare_command",
+        "Compare REFERENCE with CANDIDATE (or with itself on other providers) on ONNX Runtime.",
+    ),
+    "insert": (
+        "bnsurgery.commands.insert", "insert_command",
+        "Insert a BatchNormalization after each selected node not already followed by one.",
+    ),
+    "reestimate": (
+        "bnsurgery.commands.reestimate", "reestimate_command",
+        "Re-estimate the BatchNormalization statistics of MODEL on DATA.",
+    ),
+    "merge-stats": (
+        "bnsurgery.commands.merge_stats", "merge_stats_command",
+        "Merge BN statistics files exactly (Chan's formula, float64).",
+    ),
+    "adapt": (
+        "bnsurgery.commands.adapt", "adapt_command",
+        "Adapt MODEL to TARGET's input distribution by re-estimating its BN statistics.",
+    ),
+    "validate": (
+        "bnsurgery.commands.validate", "validate_command",
+        "Gate a model before it ships: BN health, foldability, fold verification, provider "
+        "parity, the ONNX checker and shape inference.",
+    ),
+    "run": (
+        "bnsurgery.commands.run", "run_command",
+        "Run the passes PIPELINE (a TOML file) declares on MODEL and write the result.",
+    ),
+    "plugins": (
+        "bnsurgery.commands.plugins", "plugins_command",
+        "List passes (entry points `bnsurgery.passes`) and validate checks "
+        "(`bnsurgery.checks`), built-in and from installed plugins; plugins that fail to load "
+        "are listed with the error.",
+    ),
+}  # fmt: skip
 
 
 log = logging.getLogger("bnsurgery")
@@ -63,9 +99,20 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
-        module_name, attr = COMMANDS[cmd_name]
+        module_name, attr, _ = COMMANDS[cmd_name]
         command: click.Command = getattr(importlib.import_module(module_name), attr)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of --help, from COMMANDS' summaries: no command module (and so
+        no onnx, numpy or onnxruntime) is imported to show it."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [  # a help-only stand-in shortens each summary exactly as the command would
+            (name, click.Command(name, help=summary).get_short_help_str(limit))
+            for name, (_, _, summary) in COMMANDS.items()
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(
@@ -73,7 +120,13 @@ class LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="bnsurgery")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (repeatable).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: validate lists its info findings, logging at INFO; -vv: logging at DEBUG, and an "
+    "error's Python traceback above its one-line message.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -171,10 +224,13 @@ def info(message: str) -> None:
         click.echo(message, err=True)
 
 
-def data_notes(source_description: str | None) -> None:
-    """Say on stderr when the data a command ran on is synthetic (random:N)."""
+def data_notes(source_description: str | None, notes: Sequence[str] = ()) -> None:
+    """Say on stderr when the data a command ran on is synthetic (random:N), and what reading
+    it noted (an array used under another name)."""
     if source_description and source_description.startswith("random:"):
         info(f"note: DATA is synthetic ({source_description})")
+    for note in notes:
+        info(f"note: {source_description}: {note}" if source_description else f"note: {note}")
 
 
 class ProgressBar:
@@ -227,27 +283,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = cli.main(args=args, standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BnSurgeryError as exc:
+        if verbose > 1:
+            _print_traceback()
         click.echo(f"bnsurgery: error: {exc}", err=True)
         code = exc.exit_code
     except click.exceptions.Exit as exc:
         code = int(exc.exit_code)
     except click.ClickException as exc:
-        click.echo(f"bnsurgery: error: {exc.format_message()}", err=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `bnsurgery`: help, not an error
+            click.echo(exc.format_message(), err=True)
+        else:
+            click.echo(f"bnsurgery: error: {exc.format_message()}", err=True)
         code = EXIT_BAD_INPUT
     except click.exceptions.Abort:
         click.echo("bnsurgery: aborted", err=True)
         code = EXIT_BAD_INPUT
-    except Exception as exc:  # a bug or an unforeseen input: one line unless -vv
+    except Exception as exc:  # a bug or an unforeseen input: one line (after the traceback, -vv)
         if verbose > 1:
-            raise
+            _print_traceback()
         if is_onnxruntime_error(exc):  # ORT rejected or could not run the model: bad input
             message = f"ONNX Runtime cannot run the model: {first_line(exc)}"
         else:
-            message = f"{type(exc).__name__}: {first_line(exc)} (run with -vv for details)"
+            details = "" if verbose > 1 else " (run with -vv for details)"
+            message = f"{type(exc).__name__}: {first_line(exc)}{details}"
         click.echo(f"bnsurgery: error: {message}", err=True)
         code = EXIT_BAD_INPUT
     sys.stdout.flush()
     return code
+
+
+def _print_traceback() -> None:
+    """-vv: the traceback of the error being handled, on stderr, above its one-line message."""
+    import traceback
+
+    click.echo(traceback.format_exc().rstrip(), err=True)
 
 
 def run() -> None:

@@ -3,7 +3,8 @@
 DATA is one of:
 
 - `file.npz`: arrays keyed by model input name; a single-input model also accepts the only
-  non-label array under any name. Labels sit under `label`, or the key given as `labels_key`.
+  non-label array under any name, and the source's notes say so ("using the only array 'x'
+  for input 'input'"). Labels sit under `label`, or the key given as `labels_key`.
 - `file.npy`: one array, for a single-input model.
 - a folder: its `*.npz` / `*.npy` files in sorted order, streamed one file at a time.
 - `script.py`: defines `load_data()` that yields `{input_name: array}` (Polygraphy's convention);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError, DataError
+from bnsurgery.npfile import load_npy, load_npz, npz_keys
 
 DEFAULT_RANDOM_SAMPLES = 8
 DEFAULT_SEED = 0
@@ -508,6 +511,18 @@ def _split_arrays(
     return _checked_batch(Batch(feeds, labels), where, specs, key)
 
 
+def stand_in_note(
+    keys: Iterable[str], specs: list[InputSpec], labels_key: str | None
+) -> str | None:
+    """The note said when a single-input model takes the only array of an .npz (or mapping)
+    whose key is not the input's name; None when the key matches (or nothing can stand in)."""
+    label = labels_key or DEFAULT_LABELS_KEY
+    rest = [k for k in keys if k != label or k == specs[0].name] if len(specs) == 1 else []
+    if len(rest) != 1 or rest[0] == specs[0].name:
+        return None
+    return f"using the only array '{rest[0]}' for input '{specs[0].name}'"
+
+
 def _checked_batch(batch: Batch, where: str, specs: list[InputSpec], key: str) -> Batch:
     sizes = set()
     for spec in specs:
@@ -552,33 +567,23 @@ def _quoted(names: list[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
-def _open_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as .npz ({exc})") from None
-
-
-def _open_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as .npy ({exc})") from None
-
-
 def _npz_source(
     path: Path, specs: list[InputSpec], batch_size: int, labels_key: str | None
 ) -> DataSource:
-    first = _split_arrays(_open_npz(path), str(path), specs, labels_key)
+    arrays = load_npz(path)
+    first = _split_arrays(arrays, str(path), specs, labels_key)
 
     def chunks() -> Iterator[Batch]:
         yield first
 
     return DataSource(
         str(path), chunks, specs, batch_size, samples=first.size,
-        has_labels=first.labels is not None,
+        has_labels=first.labels is not None, notes=_notes(stand_in_note(arrays, specs, labels_key)),
     )  # fmt: skip
+
+
+def _notes(*notes: str | None) -> list[str]:
+    return [n for n in notes if n]
 
 
 def _npy_arrays(path: Path, specs: list[InputSpec], labels_key: str | None) -> dict:
@@ -589,7 +594,7 @@ def _npy_arrays(path: Path, specs: list[InputSpec], labels_key: str | None) -> d
         )
     if labels_key is not None:
         raise DataError(f"{path}: labels key '{labels_key}' not found (an .npy holds no labels)")
-    return {specs[0].name: _open_npy(path)}
+    return {specs[0].name: load_npy(path)}
 
 
 def _npy_source(
@@ -609,7 +614,7 @@ def _mapping_source(
     first = _split_arrays(arrays, where, specs, labels_key)
     return DataSource(
         where, lambda: iter([first]), specs, batch_size, samples=first.size,
-        has_labels=first.labels is not None,
+        has_labels=first.labels is not None, notes=_notes(stand_in_note(arrays, specs, labels_key)),
     )  # fmt: skip
 
 
@@ -626,13 +631,11 @@ def _folder_source(
     # Check keys and sample counts up front without reading the arrays (np.load is lazy for
     # .npz members; .npy headers are read through a memory map).
     with_labels, samples = 0, 0
+    stand_ins: set[str] = set()
     for path in files:
         if path.suffix.lower() == ".npz":
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    keys = list(npz.files)
-            except (OSError, ValueError, EOFError) as exc:
-                raise DataError(f"{path}: cannot read as .npz ({exc})") from None
+            keys = npz_keys(path)
+            stand_ins.update(_notes(stand_in_note(keys, specs, labels_key)))
             if labels_key is not None and labels_key not in keys:
                 raise DataError(
                     f"{path}: labels key '{labels_key}' not found (keys: "
@@ -651,21 +654,21 @@ def _folder_source(
     def chunks() -> Iterator[Batch]:
         for path in files:
             if path.suffix.lower() == ".npz":
-                arrays = _open_npz(path)
+                arrays = load_npz(path)
             else:
                 arrays = _npy_arrays(path, specs, None)
             yield _split_arrays(arrays, str(path), specs, labels_key)
 
     return DataSource(
         f"{folder}/ ({len(files)} files)", chunks, specs, batch_size, samples=samples,
-        has_labels=with_labels == len(files),
+        has_labels=with_labels == len(files), notes=sorted(stand_ins),
     )  # fmt: skip
 
 
 def _count_samples(path: Path, specs: list[InputSpec]) -> int:
     try:
         if path.suffix.lower() == ".npy":
-            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+            return int(load_npy(path, mmap=True).shape[0])
         with np.load(path, allow_pickle=False) as npz:
             name = next((s.name for s in specs if s.name in npz.files), None)
             if name is None:
@@ -673,7 +676,7 @@ def _count_samples(path: Path, specs: list[InputSpec]) -> int:
             if name is None:
                 return 0
             return int(npz[name].shape[0]) if npz[name].ndim else 0
-    except (OSError, ValueError, EOFError, IndexError) as exc:
+    except (OSError, ValueError, EOFError, IndexError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
@@ -728,7 +731,7 @@ def _iterable_source(
     batch_size: int | None,
     labels_key: str | None,
 ) -> DataSource:
-    state: dict[str, Any] = {"labels": None}
+    state: dict[str, Any] = {"labels": None, "notes": set()}
 
     def chunks() -> Iterator[Batch]:
         seen_labels = None
@@ -739,6 +742,7 @@ def _iterable_source(
                     "{input_name: array}"
                 )
             batch = _split_arrays(item, f"{where} (item {index})", specs, labels_key)
+            state["notes"].update(_notes(stand_in_note(item, specs, labels_key)))
             has = batch.labels is not None
             if seen_labels is None:
                 seen_labels = has
@@ -752,6 +756,7 @@ def _iterable_source(
     source = DataSource(where, chunks, specs, size)
     # Peek once to learn whether labels come with the data (scripts are re-run on each pass).
     source.has_labels = any(b.labels is not None for b in _first(chunks()))
+    source.notes.extend(sorted(state["notes"]))  # from the first item, as seen by the peek
     return source
 
 

@@ -210,7 +210,11 @@ def load_pipeline(source: str | os.PathLike[str]) -> PipelineSpec:
         raise BadInputError(f"{label}: no such pipeline file")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise BadInputError(
+            f"{label}: not a pipeline file (a pipeline is TOML text; this file is not UTF-8 text)"
+        ) from None
+    except OSError as exc:
         raise BadInputError(f"{label}: cannot read the pipeline file ({exc})") from None
     return parse_pipeline(text, label)
 

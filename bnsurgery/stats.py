@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bnsurgery.errors import BadInputError, DataError
+from bnsurgery.npfile import load_npz
 
 FORMAT = "bnsurgery-stats/1"
 MODES = ("exact", "batch", "calibrate")
@@ -236,24 +236,24 @@ class StatsSet:
         source = Path(path)
         if not source.is_file():
             raise BadInputError(f"{source}: no such statistics file")
+        data = load_npz(source)  # not an .npz at all: says so, naming the file
         try:
-            with np.load(source, allow_pickle=False) as data:
-                if "format" not in data or str(data["format"]) != FORMAT:
-                    raise DataError(f"{source}: not a bnsurgery statistics file ({FORMAT})")
-                names = [str(n) for n in data["names"]]
-                channels = data["channels"]
-                counts = data["counts"]
-                if channels.shape != (len(names),) or counts.shape != (len(names),):
-                    raise DataError(f"{source}: names, channels and counts differ in length")
-                entries: dict[str, Moments] = {}
-                for i, name in enumerate(names):
-                    mean, m2 = data[f"mean_{i}"], data[f"m2_{i}"]
-                    if mean.shape != (int(channels[i]),) or m2.shape != mean.shape:
-                        raise DataError(f"{source}: entry {name!r} has inconsistent shapes")
-                    _check_moments(source, name, mean, m2)
-                    entries[name] = Moments(int(counts[i]), mean, m2)
-                return cls(str(data["mode"]), entries, int(data["samples"]))
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            if "format" not in data or str(data["format"]) != FORMAT:
+                raise DataError(f"{source}: not a bnsurgery statistics file ({FORMAT})")
+            names = [str(n) for n in data["names"]]
+            channels = data["channels"]
+            counts = data["counts"]
+            if channels.shape != (len(names),) or counts.shape != (len(names),):
+                raise DataError(f"{source}: names, channels and counts differ in length")
+            entries: dict[str, Moments] = {}
+            for i, name in enumerate(names):
+                mean, m2 = data[f"mean_{i}"], data[f"m2_{i}"]
+                if mean.shape != (int(channels[i]),) or m2.shape != mean.shape:
+                    raise DataError(f"{source}: entry {name!r} has inconsistent shapes")
+                _check_moments(source, name, mean, m2)
+                entries[name] = Moments(int(counts[i]), mean, m2)
+            return cls(str(data["mode"]), entries, int(data["samples"]))
+        except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{source}: unreadable statistics file ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -640,7 +640,7 @@ def test_cli_shards_merge_and_apply(cli, files, tmp_path):
     [
         (["--data", "{data}", "--nodes", "^zzz$"], "matches no BatchNormalization"),
         (["--data", "{data}", "--nodes", "("], "not a valid regular expression"),
-        (["--data", "{data}", "--samples", "1"], "--samples must be >= 2"),
+        (["--data", "{data}", "--samples", "1"], "'--samples': 1 is not in the range x>=2"),
         (["--data", "{bad_data}"], "expects"),
         (["--data", "{nan_data}"], "NaN or Inf"),
         (["--stats", "{other_stats}"], "another model"),

@@ -273,8 +273,28 @@ def test_not_folded_is_info_with_the_dry_run_reason():
     assert (finding.severity, finding.details["reason"]) == ("info", "folded")
     assert finding.details["target"] == "conv"
     [kept] = only(M.bn_relu(), "bn-not-folded").findings
-    assert kept.details["action"] == "stays"
+    assert kept.details["action"] == "kept"
     assert kept.details["reason"] == bnsurgery.info(M.bn_relu()).entries[0].reason
+
+
+@pytest.mark.parametrize("sample", ["digits_cnn", "resnet_small"])
+def test_not_folded_speaks_the_dry_run_vocabulary_of_info(sample):
+    """validate and info describe one dry run: the same action, direction and target per BN
+    (the fold report's own fields), and the text says what fold *would* do."""
+    path = SAMPLES / f"{sample}.onnx"
+    entries = {e.node: e for e in bnsurgery.info(path).entries}
+    findings = only(path, "bn-not-folded").findings
+    assert len(findings) == len(entries)
+    for finding in findings:
+        entry = entries[finding.node]
+        assert finding.details["action"] == entry.action
+        assert finding.details["direction"] == entry.direction
+        if entry.action == "folded":
+            assert finding.message == (
+                f"would fold {entry.direction} into {entry.target} ({entry.target_op})"
+            )
+        else:
+            assert finding.message.startswith(f"would be kept (reason {entry.reason}")
 
 
 def test_not_folded_passes_a_folded_model():

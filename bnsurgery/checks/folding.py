@@ -18,7 +18,7 @@ from bnsurgery.checks.context import ValidationContext
 from bnsurgery.errors import BadInputError
 from bnsurgery.graph import GraphIndex, iter_scopes
 from bnsurgery.passes import fold_math as fm
-from bnsurgery.passes.fold_report import FOLDED, BnDecision
+from bnsurgery.passes.fold_report import FOLDED, BnDecision, dry_run_words
 
 FP16_MAX = fm.dtype_max(np.dtype(np.float16))  # 65504
 
@@ -48,28 +48,18 @@ def _entry_where(entry: BnDecision) -> dict[str, Any]:
 )
 def not_folded(ctx: ValidationContext) -> Iterator[Finding]:
     for entry in ctx.fold().report.entries:  # type: ignore[attr-defined]
-        details = {
+        details = {  # the fold report's own fields, as `bnsurgery info --json` gives them
             "reason": entry.reason,
-            "action": "would-fold" if entry.reason in FOLDED else "stays",
+            "action": entry.action,
             "direction": entry.direction,
             "target": entry.target,
             "target_op": entry.target_op,
             "detail": entry.detail,
         }
-        if entry.reason in FOLDED:
-            message = (
-                f"could be folded {entry.direction} into {entry.target} ({entry.target_op}) "
-                f"but is not (reason {entry.reason})"
-            )
-            yield not_folded.finding(message, **_entry_where(entry), details=details)
-        else:
-            why = f"{entry.reason}: {entry.detail}" if entry.detail else entry.reason
-            yield not_folded.finding(
-                f"fold would keep it (reason {why})",
-                **_entry_where(entry),
-                hint=KEPT_HINTS.get(entry.reason, KEPT_DEFAULT_HINT),
-                details=details,
-            )
+        hint = None if entry.action == "folded" else KEPT_HINTS.get(entry.reason, KEPT_DEFAULT_HINT)
+        yield not_folded.finding(
+            dry_run_words(entry), **_entry_where(entry), hint=hint, details=details
+        )
 
 
 # -- fp16 range of the folded weights --------------------------------------------------------

@@ -22,7 +22,7 @@ from bnsurgery.commands.insert import render_insert
 from bnsurgery.commands.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.io import load_model, resolve_output_path
-from bnsurgery.passes.reestimate import MODES
+from bnsurgery.passes.reestimate import MIN_SAMPLES, MODES
 
 EXAMPLE = """\b
 Example:
@@ -64,7 +64,11 @@ def render_adapt(payload: dict[str, Any]) -> str:
 )
 @click.option("--mode", type=click.Choice(MODES), default="exact", show_default=True)
 @click.option("--prior", type=click.FloatRange(min=0), help="Blend with the source statistics.")
-@click.option("--samples", type=click.IntRange(min=1), help="At most N samples of each DATA.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=MIN_SAMPLES),
+    help="At most N samples of each DATA (a variance needs at least 2).",
+)
 @batch_size_option
 @click.option(
     "--after", help="Op types to insert BNs after (default Conv,ConvTranspose,Gemm,MatMul)."
@@ -121,5 +125,8 @@ def adapt_command(
             progress=bar,
         )
     payload = result.report.to_dict()
-    data_notes(payload["reestimate"]["data"])
+    calibration = (payload["inserted"] or {}).get("calibration")
+    if calibration:  # SOURCE, when the model had no BN
+        data_notes(calibration["data"], calibration["data_notes"])
+    data_notes(payload["reestimate"]["data"], payload["reestimate"]["data_notes"])
     save_and_emit(as_json, result.model, out, payload, lambda: render_adapt(payload))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from bnsurgery.cli import (
     ProgressBar,
     batch_size_option,
     data_notes,
+    emit,
     in_place_option,
     json_option,
     output_option,
@@ -23,6 +25,7 @@ from bnsurgery.data import parse_shape_overrides
 from bnsurgery.harness.report import text_table
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.insert import DEFAULT_AFTER
+from bnsurgery.passes.reestimate import MIN_SAMPLES
 
 EXAMPLE = """\b
 Example:
@@ -35,7 +38,7 @@ def render_insert(payload: dict[str, Any]) -> str:
     rows = [("after node", "op", "BN", "channels", "dtype")]
     for e in payload["inserted"]:
         rows.append((e["after"], e["op"], e["bn"], str(e["channels"]), e["dtype"]))
-    lines = text_table(rows, max_width=48)
+    lines = text_table(rows, max_width=48) if payload["inserted"] else []
     for s in payload["skipped"]:
         lines.append(f"skipped {s['node']} ({s['op']}): {s['reason']}")
     cal = payload.get("calibration")
@@ -79,7 +82,11 @@ def render_insert(payload: dict[str, Any]) -> str:
     is_flag=True,
     help="Also insert after nodes that produce a graph output (the classifier, usually).",
 )
-@click.option("--samples", type=click.IntRange(min=1), help="Calibrate on at most N samples.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=MIN_SAMPLES),
+    help="Calibrate on at most N samples (a variance needs at least 2).",
+)
 @batch_size_option
 @shape_option
 @provider_option
@@ -128,5 +135,25 @@ def insert_command(
         )
     payload = result.report.to_dict()
     if payload.get("calibration"):
-        data_notes(payload["calibration"]["data"])
-    save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))
+        data_notes(payload["calibration"]["data"], payload["calibration"]["data_notes"])
+    if payload["inserted"]:
+        save_and_emit(as_json, result.model, target, payload, lambda: render_insert(payload))
+    elif output is not None and not in_place:  # asked for a file by name: write it, say why
+        save_and_emit(
+            as_json, result.model, target, payload,
+            lambda: f"{render_insert(payload)}\n{why_nothing(payload)}; {target} is an "
+            f"unchanged copy of {model}",
+        )  # fmt: skip
+    else:  # a copy identical to MODEL helps nobody: write nothing
+        payload["output"] = None
+        emit(as_json, payload, lambda: f"{render_insert(payload)}\n{why_nothing(payload)}; "
+             "nothing written")  # fmt: skip
+
+
+def why_nothing(payload: dict[str, Any]) -> str:
+    """Why no BN was inserted: the skip reasons, counted ("4 followed-by-bn, ...")."""
+    reasons = Counter(s["reason"] for s in payload["skipped"])
+    counted = ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
+    if "produces-graph-output" in reasons:
+        counted += "; --include-outputs inserts after a graph output too"
+    return f"nothing to insert (skipped {counted})"

@@ -27,7 +27,12 @@ from bnsurgery.errors import UsageError
 from bnsurgery.harness.providers import OPT_LEVELS
 from bnsurgery.harness.report import text_table
 from bnsurgery.io import load_model, resolve_output_path
-from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MEASURE_OPT_LEVEL, MODES
+from bnsurgery.passes.reestimate import (
+    DEFAULT_MEMORY_BUDGET,
+    MEASURE_OPT_LEVEL,
+    MIN_SAMPLES,
+    MODES,
+)
 
 EXAMPLE = """\b
 Example:
@@ -105,7 +110,11 @@ def render_reestimate(payload: dict[str, Any]) -> str:
     help="exact: population statistics in inference mode, BN by BN in waves (AdaBN); "
     "batch: one pass, every BN normalising with its batch statistics (like torch's update_bn).",
 )
-@click.option("--samples", type=click.IntRange(min=1), help="Use at most N samples of DATA.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=MIN_SAMPLES),
+    help="Use at most N samples of DATA (a variance needs at least 2).",
+)
 @batch_size_option
 @click.option(
     "--prior",
@@ -177,7 +186,7 @@ def reestimate_command(
             progress=bar,
         )(original)
     report = result.report
-    data_notes(report.data)  # type: ignore[attr-defined]
+    data_notes(report.data, report.data_notes)  # type: ignore[attr-defined]
     if save_stats is not None:
         report.stats.save(save_stats)  # type: ignore[attr-defined]
     payload = report.to_dict()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from bnsurgery.cli import emit, in_place_option, json_option, output_option
-from bnsurgery.errors import CheckFailed
+from bnsurgery.errors import CheckFailed, UsageError
 from bnsurgery.io import resolve_output_path, save_model
 from bnsurgery.passes import PipelineReport
 from bnsurgery.pipeline import SCHEMA, PipelineSpec, load_pipeline, run_pipeline
@@ -48,6 +48,42 @@ def render_text(spec: PipelineSpec, report: PipelineReport, output: Path | None)
     return "\n".join(lines)
 
 
+def _looks_like_onnx(path: Path) -> bool:
+    """An .onnx name, or a file that starts like a serialised ModelProto (field 1, ir_version,
+    a varint: byte 0x08), which no TOML text does."""
+    if not path.is_file():
+        return False  # "no such file" is said where the file is read
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
+def check_argument_order(pipeline: Path, model: Path) -> None:
+    """Refuse, in one line, a model given where the pipeline goes (or a TOML file where the
+    model goes): the usual mistake is the two arguments swapped."""
+    onnx_first = _looks_like_onnx(pipeline)
+    toml_second = model.suffix.lower() == ".toml" and model.is_file()
+    if onnx_first and toml_second:
+        raise UsageError(
+            f"the arguments are swapped: {pipeline} is an ONNX model and {model} a pipeline; "
+            f"run bnsurgery run {model} {pipeline}"
+        )
+    if onnx_first:
+        raise UsageError(
+            f"{pipeline} is an ONNX model, not a pipeline file: bnsurgery run takes "
+            "PIPELINE.toml first, then MODEL"
+        )
+    if toml_second:
+        raise UsageError(
+            f"{model} is a TOML file, not an ONNX model: bnsurgery run takes PIPELINE.toml "
+            "first, then MODEL"
+        )
+
+
 @click.command("run")
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
@@ -74,6 +110,7 @@ def run_command(
       bnsurgery run deploy.toml sample_models/digits_cnn.onnx -o digits_deploy.onnx
     """
     start = time.perf_counter()
+    check_argument_order(pipeline, model)
     spec = load_pipeline(pipeline)
     target = resolve_output_path(model, output, "pipeline", in_place=in_place)
     result = run_pipeline(spec, model)

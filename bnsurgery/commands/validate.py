@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from pathlib import Path
 
 import click
 
+from bnsurgery.checks import builtin_checks
 from bnsurgery.cli import State, emit, json_option, shape_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.validate import FAIL_ON, ValidationReport, validate
@@ -48,7 +50,15 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
     return "\n".join(lines)
 
 
-@click.command("validate")
+def _check_ids_epilog() -> str:
+    """The ids --skip takes, unwrapped by click (\b) and never broken at their hyphens."""
+    ids = textwrap.wrap(", ".join(c.name for c in builtin_checks()), 76, break_on_hyphens=False)
+    return "\b\nChecks (ids for --skip; `bnsurgery plugins` adds plugin checks):\n" + "\n".join(
+        f"  {line}" for line in ids
+    )
+
+
+@click.command("validate", epilog=_check_ids_epilog())
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", help="DATA for fold verification and parity (default random:8, seed 0).")
 @click.option(
@@ -65,7 +75,11 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
     help="Exit 1 when a finding has this severity or a higher one.",
 )
 @click.option(
-    "--skip", "skip", multiple=True, metavar="CHECK", help="Leave a check out (repeatable)."
+    "--skip",
+    "skip",
+    multiple=True,
+    metavar="CHECK",
+    help="Leave a check out (repeatable): a check id listed below, or a plugin check's name.",
 )
 @shape_option
 @click.option(

@@ -45,6 +45,16 @@ class BnDecision:
         return asdict(self)
 
 
+def dry_run_words(entry: BnDecision) -> str:
+    """What fold would do with one BN, in the words every dry run uses (validate, docs):
+    "would fold forward into conv (Conv)", or "would be kept (reason no-linear-neighbour: ...)".
+    The JSON of a dry run carries the entry's own fields (action folded/kept, direction)."""
+    if entry.action == "folded":
+        return f"would fold {entry.direction} into {entry.target} ({entry.target_op})"
+    why = f"{entry.reason}: {entry.detail}" if entry.detail else entry.reason
+    return f"would be kept (reason {why})"
+
+
 @dataclass
 class AffineFold:
     """A per-channel constant Mul/Add/Sub/Div folded into a neighbouring linear op."""

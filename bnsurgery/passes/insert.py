@@ -357,7 +357,7 @@ def calibrate_inserted(
     for target in targets:
         writer.privatise(target, (1, 2, 3, 4))
     feeds = open_data(data, model, samples=samples, batch_size=batch_size, shapes=shapes)
-    report = ReestimateReport("calibrate", data=feeds.description)
+    report = ReestimateReport("calibrate", data=feeds.description, data_notes=feeds.notes)
     old = {t.key: (t.params.mean.copy(), t.params.var.copy()) for t in targets}
 
     def on_wave(wave, moments) -> None:

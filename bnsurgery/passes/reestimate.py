@@ -355,6 +355,10 @@ class Feeds:
         return str(getattr(self.source, "description", "<data>"))
 
     @property
+    def notes(self) -> list[str]:
+        return list(getattr(self.source, "notes", []))
+
+    @property
     def expected_batches(self) -> int | None:
         total = getattr(self.source, "samples", None)
         size = getattr(self.source, "batch_size", None)
@@ -1341,6 +1345,7 @@ class ReestimateReport:
 
     mode: str
     data: str | None = None
+    data_notes: list[str] = field(default_factory=list)  # what DATA's reading noted
     samples: int = 0
     batches: int = 0
     batch_size: int | None = None
@@ -1359,6 +1364,7 @@ class ReestimateReport:
         return {
             "mode": self.mode,
             "data": self.data,
+            "data_notes": list(self.data_notes),
             "stats_file": self.stats_file,
             "samples": self.samples,
             "batches": self.batches,
@@ -1499,6 +1505,7 @@ class ReestimatePass:
             self.data, work, samples=self.samples, batch_size=self.batch_size, shapes=self.shapes
         )
         report.data = feeds.description
+        report.data_notes = feeds.notes
         report.batch_size = getattr(feeds.source, "batch_size", None)
         progress = self.progress
         if self.mode == "batch":
