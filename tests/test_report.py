@@ -51,7 +51,7 @@ def test_text_table_names_pair_output_and_result(report):
 def test_json_schema_is_stable(report):
     """The keys documented in docs/compare.md; adding keys is fine, renaming is not."""
     d = json.loads(json.dumps(report.to_dict()))  # strictly JSON: no NaN/inf literals
-    assert d["schema"] == "bnsurgery.compare/1" and d["passed"] is False
+    assert d["schema"] == "bnsurgery.compare/2" and d["passed"] is False
     assert {"schema", "passed", "reference", "candidate", "providers", "data", "tolerances",
             "fallbacks", "comparisons", "layerwise", "stability", "notes"} <= set(d)  # fmt: skip
     assert {"model", "provider", "session"} <= set(d["reference"])

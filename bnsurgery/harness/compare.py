@@ -30,7 +30,7 @@ from bnsurgery.harness.providers import ProviderConfig, SessionInfo, parse_provi
 from bnsurgery.harness.runner import Runner, progress
 from bnsurgery.harness.stability import StabilityReport
 
-SCHEMA = "bnsurgery.compare/1"
+SCHEMA = "bnsurgery.compare/2"
 
 
 @dataclass

@@ -248,7 +248,9 @@ class ErrorMetrics:
 
 
 def _ratio_text(ratio: float) -> str:
-    return f"{ratio:.2g}x" if ratio < 10 else f"{ratio:.0f}x"
+    if ratio < 10:
+        return f"{ratio:.2g}x"
+    return f"{ratio:,.0f}x" if ratio < 1e5 else f"{ratio:.2g}x"
 
 
 def _finite_or_str(value: float | None) -> float | str | None:
