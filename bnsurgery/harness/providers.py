@@ -107,6 +107,9 @@ class ProviderConfig:
     execution_order: str = "default"
     # allocate from the process-wide arena of bnsurgery.harness.arena (registered by its user)
     shared_cpu_arena: bool = False
+    # ORT's memory pattern plans one block for a whole run after the first; the first run's
+    # chunks stay in the arena beside it, so the activations are held twice
+    memory_pattern: bool = True
 
     def validate(self) -> None:
         """Raise BadInputError on an unknown alias, level or CUDA option value."""
@@ -208,6 +211,7 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     # FATAL only: ORT logs a failing kernel to stderr before raising, and the raised error is
     # what the one-line message reports (a second, multi-line copy would break that contract).
     options.log_severity_level = 4
+    options.enable_mem_pattern = config.memory_pattern
     if config.shared_cpu_arena:
         from bnsurgery.harness.arena import USE_ENV_ALLOCATORS
 

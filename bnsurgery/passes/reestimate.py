@@ -44,6 +44,7 @@ from bnsurgery.graph import (
 )
 from bnsurgery.passes import PassResult, register
 from bnsurgery.passes.fold_math import cast_checked
+from bnsurgery.passes.reestimate_memory import release_free_heap
 from bnsurgery.stats import Moments, StatsSet
 
 MODES = ("exact", "batch")
@@ -481,6 +482,7 @@ class Runner:
             intra_op_threads=self.threads,
             execution_order="priority_based",
             shared_cpu_arena=self._in_scope > 0,
+            memory_pattern=False,  # bounded memory: docs/benchmarks.md, section 4
         )
         try:
             serialized = serialize_if_small(model)
@@ -496,6 +498,8 @@ class Runner:
             raise BadInputError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
         if self.session_info is None:
             self.session_info = info.to_dict()
+        del serialized
+        release_free_heap()  # the serialised copy and protobuf's freed buffers
         return session
 
     @staticmethod
@@ -1359,6 +1363,7 @@ class ReestimateReport:
     stats_file: str | None = None
     session: dict[str, Any] | None = None
     stats: StatsSet | None = None  # the measured moments (for --save-stats), not in to_dict
+    engine: dict[str, Any] | None = None  # a distributed engine's workers and shards
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1377,6 +1382,7 @@ class ReestimateReport:
             "session": self.session,
             "bns": [b.to_dict() for b in self.bns],
             "skipped": list(self.skipped),
+            **({"engine": self.engine} if self.engine is not None else {}),
         }
 
 
@@ -1410,7 +1416,13 @@ class ReestimatePass:
         threads: int = 0,
         shared_arena: bool = True,
         progress: Progress | None = None,
+        engine: str = "local",
+        ray_options: Any = None,
     ) -> None:
+        if engine not in ("local", "ray"):
+            raise UsageError(f"unknown engine '{engine}' (expected local or ray)")
+        # engine="ray": bnsurgery.passes.reestimate_ray (ray_options: its RayOptions)
+        self.engine, self.ray_options = engine, ray_options
         if mode not in MODES:
             raise UsageError(f"unknown mode '{mode}' (expected {' or '.join(MODES)})")
         if data is not None and stats is not None:
@@ -1497,6 +1509,10 @@ class ReestimatePass:
         return subset.entries
 
     def _measure(self, work, targets, writer, report) -> dict[str, Moments]:
+        if self.engine == "ray":
+            from bnsurgery.passes.reestimate_ray import measure_pass
+
+            return measure_pass(self, work, targets, writer, report)
         with self.runner.scope():
             return self._measure_in_scope(work, targets, writer, report)
 
