@@ -136,6 +136,20 @@ def render_reestimate(payload: dict[str, Any]) -> str:
 @shape_option
 @provider_option
 @measure_opt_level_option
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: workers on a Ray cluster over the .npz/.npy shards of "
+    "DATA (a folder or glob); needs pip install 'bnsurgery[ray]'. See docs/scale.md.",
+)
+@click.option("--address", help="--engine ray: the Ray cluster to join (default: start one here).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="--engine ray: how many workers (default: one per CPU of the cluster).",
+)
 @json_option
 def reestimate_command(
     model: Path,
@@ -153,6 +167,9 @@ def reestimate_command(
     shapes: tuple[str, ...],
     provider: str,
     opt_level: str,
+    engine: str,
+    address: str | None,
+    workers: int | None,
     as_json: bool,
 ) -> None:
     """Re-estimate the BatchNormalization statistics of MODEL on DATA.
@@ -169,6 +186,7 @@ def reestimate_command(
         raise UsageError("--data and --stats exclude each other")
     target = resolve_output_path(model, output, "reestimated", in_place=in_place)
     budget = parse_size(memory_budget) if memory_budget else DEFAULT_MEMORY_BUDGET
+    ray_options = _ray_options(engine, address, workers, data)
     original = load_model(model)
     with ProgressBar("re-estimating") as bar:
         result = ReestimatePass(
@@ -184,6 +202,8 @@ def reestimate_command(
             provider=provider,
             opt_level=opt_level,
             progress=bar,
+            engine=engine,
+            ray_options=ray_options,
         )(original)
     report = result.report
     data_notes(report.data, report.data_notes)  # type: ignore[attr-defined]
@@ -201,3 +221,22 @@ def reestimate_command(
         ),
         saved_stats=str(save_stats) if save_stats is not None else None,
     )
+
+
+def _ray_options(engine: str, address: str | None, workers: int | None, data: str | None):
+    """--engine ray's options (Ray checked first: exit 3 with the install line); --address and
+    --workers without it are refused."""
+    if engine != "ray":
+        if address is not None or workers is not None:
+            raise UsageError("--address and --workers need --engine ray")
+        return None
+    from bnsurgery.passes.reestimate_ray import RayOptions, require_ray
+
+    require_ray()
+    if data is None:
+        raise UsageError("--engine ray measures on --data shards; it does not apply --stats")
+    return RayOptions(address=address, workers=workers, log=_stderr_line)
+
+
+def _stderr_line(message: str) -> None:
+    click.echo(message, err=True)

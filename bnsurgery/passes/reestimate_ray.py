@@ -255,6 +255,11 @@ class Driver:
             for i, per_shard in enumerate(sizes):
                 self.limits[i] = max(0, min(left, sum(per_shard)))
                 left -= self.limits[i]
+            for i in reversed(range(len(self.runs))):  # workers past the first N: none
+                if self.limits[i] == 0 and len(self.runs) > 1:
+                    self.ray.kill(self.actors[i])
+                    for items in (self.actors, self.runs, self.limits, self.retries_left):
+                        del items[i]
 
     def _new_actor(self) -> Any:
         return self.actor_class.options(num_cpus=self.cpus, max_concurrency=4).remote(
@@ -281,7 +286,7 @@ class Driver:
             )
         self.retries_left[i] -= 1
         self.retried.append(f"{self._describe(i)}, wave {wave}")
-        self.log(f"  {self._describe(i)} died in wave {wave}; replacing it on the same shards")
+        self.log(f"ray: {self._describe(i)} died in wave {wave}; replacing it on the same shards")
         self.actors[i] = self._new_actor()
 
     @staticmethod
@@ -300,11 +305,13 @@ class Driver:
         for i, ref in enumerate(refs):
             while True:
                 try:
+                    if ref is None:
+                        ref = self.actors[i].measure_batch.remote(self.runs[i], self.limits[i])
                     results.append(self.ray.get(ref))
                     break
                 except self.ray.exceptions.RayActorError as exc:
                     self._died(i, 1, exc)
-                    ref = self.actors[i].measure_batch.remote(self.runs[i], self.limits[i])
+                    ref = None
         self._check(results)
         return results
 
@@ -324,11 +331,13 @@ class Driver:
         for i, ref in enumerate(refs):
             while True:
                 try:
+                    if ref is None:
+                        ref = self._replay(i, history)
                     results.append(self.ray.get(ref))
                     break
                 except self.ray.exceptions.RayActorError as exc:
                     self._died(i, wave, exc)
-                    ref = self._replay(i, history)
+                    ref = None
         self._check(results)
         return results
 
@@ -378,14 +387,21 @@ def measure_on_ray(
 
     ray = require_ray()
     Plan.build(model, targets, single_wave=mode == "batch")  # the waves, as the workers plan them
+    clock = time.perf_counter()
     started = _connect(ray, options)
+    if started and options.log is not None:
+        where = options.address or "a local cluster"
+        options.log(f"ray: connected to {where} in {time.perf_counter() - clock:.1f} s")
     _quiet_ray_data()
     global _block_paths
     if _block_paths is None:
         _block_paths = ray.remote(_remote_block_paths)
     driver = None
     try:
+        clock = time.perf_counter()
         shards, _ = data_shards(ray, data)
+        if options.log is not None:
+            options.log(f"ray: {len(shards)} shard(s) read in {time.perf_counter() - clock:.1f} s")
         worker_options = {
             **{k: runner_options[k] for k in RUNNER_OPTIONS},
             "batch_size": batch_size,
@@ -393,8 +409,10 @@ def measure_on_ray(
             "nodes": nodes,
         }
         driver = Driver(ray, model, worker_options, options)
+        clock = time.perf_counter()
         driver.start(shards, samples)
         log = driver.log
+        log(f"ray: {len(driver.actors)} worker(s) started in {time.perf_counter() - clock:.1f} s")
         log(
             f"ray: {len(shards)} shard(s) on {len(driver.runs)} worker(s), "
             f"{driver.cpus:g} CPU(s) each, mode {mode}"
