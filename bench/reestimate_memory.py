@@ -59,14 +59,16 @@ def main(args_in: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--budget", default="256MB", help="exact_budget's --memory-budget")
+    parser.add_argument(
+        "--budget", default=None, help="also run exact with this --memory-budget (exact_budget)"
+    )
     parser.add_argument("--before", type=Path, default=None, help="another checkout to A/B")
     parser.add_argument("--smoke", action="store_true", help="small model, 16 samples, 1 run")
     outputs.add_arguments(parser, "reestimate_memory", "docs/bench/reestimate_memory.json")
     args = outputs.parse_args(parser, args_in)
     if args.smoke:
         args.model, args.samples, args.runs = "small_stack", 16, 1
-    tools = ["forward", "batch", "exact", "exact_budget"]
+    tools = ["forward", "batch", "exact"] + (["exact_budget"] if args.budget else [])
     if args.before is not None:
         tools += ["before_batch", "before_exact"]
     model, data = model_path(args.model), dataset(args.model, args.samples)
@@ -112,6 +114,7 @@ def main(args_in: list[str] | None = None) -> int:
         "targets": {
             f"{tool}_rss_<=1.5x_forward": ratios[tool]["rss_over_forward"] <= TARGET
             for tool in ("batch", "exact", "exact_budget")
+            if tool in ratios
         },
     }
     c.write_json(args.out, payload)

@@ -25,6 +25,8 @@ SMOKES = {
     "moments_accuracy": ("rows", "onnxruntime"),
     "reestimate_speed": ("models", "targets"),  # owned by the re-estimation work
     "reestimate_anchor": ("models", "targets"),
+    "reestimate_memory": ("tools", "ratios", "targets"),
+    "reestimate_ray_scaling": ("results", "machine"),
 }
 
 
