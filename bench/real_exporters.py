@@ -83,9 +83,10 @@ def export(name: str, size: int) -> Path:
     builder = getattr(torchvision.models, name, None) or getattr(
         torchvision.models.segmentation, name
     )
-    kwargs = (
-        {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    )
+    inception = name in ("googlenet", "inception_v3")
+    kwargs = {"aux_logits": False, "init_weights": True} if inception else {}
+    if "segmentation" in builder.__module__:  # its backbone untrained too (no download)
+        kwargs = {"weights_backbone": None}
     net = builder(weights=None, **kwargs).eval()
 
     class Out(torch.nn.Module):
