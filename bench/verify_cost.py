@@ -47,6 +47,9 @@ def main() -> None:
     checkouts = {"": here, **({"base_": args.baseline.resolve()} if args.baseline else {})}
     walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run
+        # from an empty folder, or every run would import the checkout it was started from.
+        os.chdir(tmp)
         for _ in range(args.runs):
             for prefix, checkout in checkouts.items():
                 for verify in (False, True):
