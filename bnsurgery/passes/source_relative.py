@@ -12,10 +12,11 @@ shifted data T, and composes the map "bring T's statistics to S's" into the stor
     mean = m_T - (m_S - m0) / r,   var = (v0 + eps) / r**2 - eps
 
 (docs/adaptation.md has the derivation). The same data as S and T gives r = 1 and back the
-stored (m0, v0). `var + eps` is always positive, but `var` itself goes negative where
-v_S >> v_T (a channel the shift silenced): such a variance is never written. The channel
-gets var = 0 and its scale is multiplied by sqrt(eps / (var + eps)), which keeps the BN's
-function exactly; the report counts these channels (`clamped_channels`).
+stored (m0, v0). `var + eps` is always positive, but `var` itself goes negative, or to a
+rounding residue, where v_S >> v_T (a channel the shift silenced). A variance below
+`TINY_VAR` x eps (1e-6 of eps: below what float32 `var + eps` resolves) is never written: the
+channel gets var = 0 and its scale is multiplied by sqrt(eps / (var + eps)), which keeps the
+BN's function exactly; the report counts these channels (`clamped_channels`).
 
 With a prior N (Schneider et al. 2020), the target moments are first blended towards the
 source moments with lambda = N / (N + n): N = 0 is full adaptation, N -> inf no change.
@@ -37,6 +38,9 @@ import onnx
 
 from bnsurgery.errors import DataError
 from bnsurgery.stats import FORMAT, Moments, StatsSet
+
+
+TINY_VAR = 1e-6  # times eps: a composed variance below it is clamped to 0 (scale compensated)
 
 
 @dataclass
@@ -73,7 +77,7 @@ def compose(
     mean = m_t - (m_s - m0) / r
     denominator = (v0 + eps) / (r * r)  # the new var + eps: always > 0
     var = denominator - eps
-    negative = var < 0
+    negative = var < TINY_VAR * eps
     scale = None
     if negative.any():
         # var 0 and a larger scale give scale' / sqrt(0 + eps) == scale / sqrt(denominator)
