@@ -16,9 +16,10 @@ Per shift (and "none": clean TARGET), with labels only where a method is allowed
   when it keeps the original (nothing written), its column is the original's accuracy;
 - clean after adapting: each adapted model on the clean TEST set.
 
-    python bench/adaptation.py                 # full run (500 lines per set: about 12 minutes on 2 CPU cores)
+    python bench/adaptation.py                 # full run, 500 lines per set (2 cores: ~15 min)
     python bench/adaptation.py --smoke         # 2 shifts, 120 lines per set, no docs
-    python bench/adaptation.py --write-docs    # ... and docs/bench/adaptation.json
+    python bench/adaptation.py --write-docs    # ... and docs/bench/adaptation.json, the table
+    python bench/adaptation.py --render FILE.json [--write-docs]   # the table of a past run
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _acc(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
 def run(sets: int, shifts: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     model = onnx.load(od.fetch_model())
-    src_img, src_y = od.render_set(sets, 1)
+    src_img, _src_y = od.render_set(sets, 1)
     tgt_img, tgt_y = od.render_set(sets, 2)
     test_img, test_y = od.render_set(sets, 3)
     source_x = od.preprocess(src_img)
@@ -136,12 +137,59 @@ def run(sets: int, shifts: list[str]) -> dict[str, Any]:
     }
 
 
+def render(result: dict[str, Any]) -> str:
+    """The docs' table: accuracy (%) on each shift's TEST set, and on clean TEST after adapting."""
+    m = result["model"]
+    lines = [
+        f"Measured by `python bench/adaptation.py` on `{m['file']}` ({m['package']}, "
+        f"{m['batchnorms']} BNs), {result['sets']['source']} rendered lines per set (source, "
+        f"target, test); accuracy in %, clean test accuracy of the model as shipped "
+        f"{result['clean_original']:.1f}.",
+        "",
+        "| shift | original | plain | source-relative | auto (choice) | clean after: plain "
+        "| source-relative | auto | plain warned | plain refused |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        c = r["clean_after"]
+        guard = r["plain_guard"]
+        ent = r["plain_entropy"]
+        rise = (ent["plain"] - ent["original"]) / max(ent["original"], 1e-6)
+        warned = r["plain_drift"]["warn"] or rise > 0.10
+        lines.append(
+            f"| {r['shift']} | {r['original']:.1f} | {r['plain']:.1f} | "
+            f"{r['source_relative']:.1f} | {r['auto']:.1f} ({r['auto_choice']}) | "
+            f"{c['plain']:.1f} | {c['source_relative']:.1f} | {c['auto']:.1f} | "
+            f"{'yes' if warned else 'no'} (entropy {rise:+.0%}) | "
+            f"{'yes' if guard['refused'] else 'no'} ({guard['accuracy_before']:.1f} -> "
+            f"{guard['accuracy_after']:.1f}) |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs_table(result: dict[str, Any]) -> None:
+    doc = outputs.DOCS / "adaptation.md"
+    text = doc.read_text()
+    begin, end = "<!-- adaptation:begin -->", "<!-- adaptation:end -->"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.write_text(f"{head}{begin}\n{render(result)}\n{end}{tail}")
+    print(f"wrote {doc.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="2 shifts, 120 lines per set")
     parser.add_argument("--sets", type=int, default=500, help="lines per set (default 500)")
+    parser.add_argument("--render", type=Path, help="print the table of a results JSON; no run")
     outputs.add_arguments(parser, NAME, "docs/bench/adaptation.json")
     args = outputs.parse_args(parser, argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        print(render(result))
+        if args.write_docs:
+            write_docs_table(result)
+        return 0
     try:
         od.fetch_model()
     except od.Unavailable as exc:
@@ -154,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if args.write_docs:
         outputs.copy_to_docs(args.out, outputs.docs_json(NAME))
+        write_docs_table(result)
     return 0
 
 

@@ -126,7 +126,7 @@ def resize_norm_img(image: np.ndarray) -> np.ndarray:
     """rapidocr_onnxruntime's TextClassifier.resize_norm_img, for cls_image_shape 3x48x192."""
     c, h, w = SHAPE
     ratio = image.shape[1] / float(image.shape[0])
-    resized_w = w if math.ceil(h * ratio) > w else int(math.ceil(h * ratio))
+    resized_w = w if math.ceil(h * ratio) > w else math.ceil(h * ratio)
     resized = _resize(image, resized_w, h).astype("float32")
     resized = resized.transpose((2, 0, 1)) / 255
     resized -= 0.5

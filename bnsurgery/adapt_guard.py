@@ -1,10 +1,13 @@
 """Evidence that an adaptation helps: the drift warning, the labelled guard and label-free signals.
 
-- **Drift warning** (`drift`): plain re-estimation replaces stored statistics that describe the
-  model's training data. When the new means of the deep BNs (the later half in graph order)
-  move by more than one stored standard deviation on at least `FAR_SHARE` of their channels,
-  the user's data is far from the training data, and replacing the statistics is likely to
-  mix that gap in with the shift: one warning line, suggesting `--source` with clean data.
+- **Drift warning** (`drift`, `warn_plain`): plain re-estimation replaces stored statistics
+  that describe the model's training data. It is flagged as likely to hurt when either
+  (a) the new means of the deep BNs (the later half in graph order) move by more than one
+  stored standard deviation on at least `FAR_SHARE` of their channels: the user's data is far
+  from the training data; or (b) the re-estimated model is less sure of the target than the
+  original: its mean prediction entropy there rises by more than `ENTROPY_RISE` (relative).
+  AdaBN that helps makes a model surer of the shifted data; one that mixes a domain gap into
+  the statistics typically makes it less sure. One warning line, suggesting `--source`.
 - **Guard** (`split_labelled`, `evaluate`): when DATA carries labels, a held-out part of it
   (`HOLDOUT` of the samples, a fixed-seed draw) is kept out of the adaptation and the original
   and adapted models' accuracies are measured on it; an adaptation that lowers accuracy by
@@ -24,6 +27,7 @@ import onnx
 
 FAR_MOVE = 1.0  # stored standard deviations a channel's mean moves to count as "far"
 FAR_SHARE = 0.10  # of the deep BNs' channels, past which plain re-estimation is flagged
+ENTROPY_RISE = 0.10  # relative rise of the target's mean prediction entropy that flags harm
 HOLDOUT = 0.25  # share of labelled DATA held out to measure accuracy
 DEFAULT_MAX_DROP = 0.5  # accuracy points
 SPLIT_SEED = 0
@@ -56,13 +60,25 @@ def drift(bns: Iterable[Any], epsilon: float = 1e-5) -> dict[str, Any]:
     }
 
 
+def entropy_rise(before: float | None, after: float | None) -> float | None:
+    """The relative rise of the mean prediction entropy (None when not measured)."""
+    if before is None or after is None:
+        return None
+    return (after - before) / max(before, 1e-6)
+
+
 def drift_warning(figure: Mapping[str, Any]) -> str:
+    rise = figure.get("entropy_rise")
+    why = (
+        f"made the model less sure of the target (entropy +{rise:.0%})"
+        if rise is not None and rise > ENTROPY_RISE
+        else "moved the statistics far"
+    )
     return (
-        f"warning: plain re-estimation moved {figure['far_channels']} of "
-        f"{figure['deep_channels']} deep BN channels by more than {FAR_MOVE:g} stored std "
-        f"(largest {figure['largest_move']:.3g} std, {figure['largest_move_bn']}): your data is "
-        "far from the model's training data and this is likely to hurt; adapt relative to your "
-        "own clean data with --source CLEAN"
+        f"warning: plain re-estimation {why}; {figure['far_channels']} of "
+        f"{figure['deep_channels']} deep BN channels moved by more than {FAR_MOVE:g} stored std "
+        f"(largest {figure['largest_move']:.3g} std, {figure['largest_move_bn']}): this is likely "
+        "to hurt; adapt relative to your own clean data with --source CLEAN"
     )
 
 
@@ -223,7 +239,7 @@ def evaluate(
         evidence.accuracy_before = accuracy(predictions(original, held_out), held_out.labels)
         evidence.accuracy_after = accuracy(predictions(adapted, held_out), held_out.labels)
         evidence.refused = evidence.accuracy_after < evidence.accuracy_before - max_drop
-    elif target is not None:
+    if target is not None:
         evidence.entropy_before = entropy(predictions(original, target))
         evidence.entropy_after = entropy(predictions(adapted, target))
     if source is not None:

@@ -74,7 +74,8 @@ def test_plain_reestimation_that_lowers_accuracy_is_refused_and_nothing_is_writt
     ev = payload["evidence"]
     assert ev["refused"] and ev["accuracy_after"] < ev["accuracy_before"] - 0.5
     assert ev["held_out"] == 100  # a quarter of the 400 samples
-    assert payload["drift"]["warn"] and "warning: plain re-estimation moved" in err
+    assert payload["drift"]["warn"] and "warning: plain re-estimation" in err
+    assert payload["drift"]["far_channels"] == 1 and payload["drift"]["entropy_rise"] > 0.1
     assert "--source" in err
     # --force writes it anyway, and says so
     code, stdout, err = cli(

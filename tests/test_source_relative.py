@@ -191,7 +191,7 @@ def test_a_plain_statistics_file_is_refused_as_source(tmp_path) -> None:
 
 
 def test_cli_reestimate_and_adapt_take_source_on_a_model_with_bns(cli, tmp_path) -> None:
-    model, clean, shifted, _ = _digits()
+    _model, clean, shifted, _ = _digits()
     np.savez(tmp_path / "clean.npz", input=clean)
     np.savez(tmp_path / "shifted.npz", input=shifted)
     for command, data_flag in (("reestimate", "--data"), ("adapt", "--target")):

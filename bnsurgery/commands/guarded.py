@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from bnsurgery.adapt_guard import DEFAULT_MAX_DROP, drift, drift_warning
+from bnsurgery.adapt_guard import (
+    DEFAULT_MAX_DROP,
+    ENTROPY_RISE,
+    drift,
+    drift_warning,
+    entropy_rise,
+)
 from bnsurgery.cli import emit, info, save_and_emit
 from bnsurgery.errors import CheckFailed
 
@@ -50,7 +56,12 @@ def finish(
     relative = "source_relative" in (reestimate_report.extras if reestimate_report else {})
     if reestimate_report is not None and reestimate_report.bns:
         figure = drift(reestimate_report.bns)
-        figure["warn"] = figure["warn"] and not relative
+        evidence = outcome.evidence if outcome is not None else None
+        rise = entropy_rise(
+            getattr(evidence, "entropy_before", None), getattr(evidence, "entropy_after", None)
+        )
+        figure["entropy_rise"] = None if rise is None else round(rise, 4)
+        figure["warn"] = (figure["warn"] or (rise or 0.0) > ENTROPY_RISE) and not relative
         payload["drift"] = figure
         if figure["warn"]:
             info(drift_warning(figure))

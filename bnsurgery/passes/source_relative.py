@@ -39,7 +39,6 @@ import onnx
 from bnsurgery.errors import DataError
 from bnsurgery.stats import FORMAT, Moments, StatsSet
 
-
 TINY_VAR = 1e-6  # times eps: a composed variance below it is clamped to 0 (scale compensated)
 
 
