@@ -1,6 +1,6 @@
 """Adaptation benchmark on a trained third-party model: when AdaBN helps, when it hurts.
 
-The model and data are bench/ocr_direction.py's: PaddleOCR's text-direction classifier from
+The model and data are bench/_ocr_direction.py's: PaddleOCR's text-direction classifier from
 the `rapidocr_onnxruntime` wheel (fetched into bench/.cache/, never committed), on text lines
 rendered offline, upright and rotated by 180 degrees. Four disjoint sets of rendered lines:
 SOURCE (the user's own clean data), TARGET (to adapt on: each shift applied), TEST (to measure:
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import _ocr_direction as od  # noqa: E402
 import _outputs as outputs  # noqa: E402
-import ocr_direction as od  # noqa: E402
 
 import bnsurgery  # noqa: E402
 from bnsurgery.adapt_auto import guarded  # noqa: E402
