@@ -127,7 +127,7 @@ def guarded(
     source_data = _as_data(source_all) if source_all is not None else source
     if not auto:
         result = run(adapt_data, source_data, prior, nodes)
-        _describe(result, target_all, adapt_part)
+        _describe(result, target_all, adapt_part, source_all)
         evidence = evaluate(model, result.model, held_out, target_all, source_all, max_drop)
         if labelled:
             evidence.notes.append(
@@ -169,7 +169,7 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
         reason = f"no candidate beats the original on {measure} ({tried[0]['score']:.4g})"
         evidence = Evidence(held_out=held_out.size, max_drop=max_drop, refused=True)
         return Outcome(None, evidence, best_label, reason, tried)
-    _describe(best, None, adapt_part)
+    _describe(best, None, adapt_part, source_all)
     evidence = evaluate(model, best.model, held_out, held_out, source_all, max_drop)
     return Outcome(best, evidence, best_label, reason, tried)
 
@@ -178,10 +178,20 @@ def _as_data(arrays: Arrays) -> dict[str, Any]:
     return dict(arrays.feeds)
 
 
-def _describe(result: PassResult, whole: Arrays | None, part: Arrays) -> None:
-    """Name the DATA the report used (the adaptation part of it, when held out)."""
+def _describe(
+    result: PassResult, whole: Arrays | None, part: Arrays, source: Arrays | None
+) -> None:
+    """Name the DATA the reports used (the adaptation part of it, when held out), with what
+    reading it noted: the passes saw it as arrays in memory."""
     report = getattr(result.report, "reestimate", None) or result.report
     if whole is None or part.size != whole.size:
         report.data = f"{part.description} ({part.size} samples, the rest held out)"
     else:
         report.data = part.description
+    report.data_notes = list(part.notes)
+    calibration = getattr(getattr(result.report, "inserted", None), "calibration", None)
+    if calibration is not None and source is not None:
+        calibration.data, calibration.data_notes = source.description, list(source.notes)
+    relative = getattr(report, "extras", {}).get("source_relative")
+    if relative is not None and source is not None:
+        relative["source"] = source.description

@@ -93,6 +93,7 @@ class Arrays:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     description: str = "<data>"
+    notes: list[str] = field(default_factory=list)  # what reading DATA noted
 
     @property
     def size(self) -> int:
@@ -100,7 +101,8 @@ class Arrays:
 
     def take(self, index: np.ndarray) -> Arrays:
         labels = None if self.labels is None else self.labels[index]
-        return Arrays({k: v[index] for k, v in self.feeds.items()}, labels, self.description)
+        feeds = {k: v[index] for k, v in self.feeds.items()}
+        return Arrays(feeds, labels, self.description, list(self.notes))
 
 
 def read_all(
@@ -131,7 +133,12 @@ def read_all(
         seen += n
     joined = {k: np.concatenate(v) for k, v in feeds.items()}
     has_labels = source.has_labels or (labels and sum(len(x) for x in labels) == seen)
-    return Arrays(joined, np.concatenate(labels) if has_labels else None, source.description)
+    return Arrays(
+        joined,
+        np.concatenate(labels) if has_labels else None,
+        source.description,
+        list(source.notes),
+    )
 
 
 def split(data: Arrays, holdout: float = HOLDOUT) -> tuple[Arrays, Arrays]:
