@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout of bnsurgery")
     outputs.add_arguments(parser, "verify_cost", "nothing (its figures go in by hand)")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the runs below change the working directory
     src = c.cached_model(args.model)
     here = Path(__file__).resolve().parent.parent
     checkouts = {"": here, **({"base_": args.baseline.resolve()} if args.baseline else {})}
