@@ -51,7 +51,7 @@ def run_once(bnsurgery, model, folder: Path, mode: str, batch: int, tool: str) -
     start = time.perf_counter()
     result = bnsurgery.reestimate(model, str(folder), mode=mode, batch_size=batch, **options)
     seconds = time.perf_counter() - start
-    engine = result.report.engine or {}
+    engine = result.report.extras.get("engine", {})
     return {
         "seconds": seconds,
         "waves_s": sum(engine.get("seconds_per_wave", [])) if engine else seconds,

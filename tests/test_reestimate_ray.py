@@ -92,7 +92,7 @@ def test_ray_gives_the_local_engines_statistics(
     local = reestimate(net, folder, mode=mode, batch_size=BATCH)
     result, lines = _ray(net, folder, mode, workers=workers)
     _assert_same(result, local)
-    engine = result.report.engine
+    engine = result.report.extras["engine"]
     assert engine["shards"] == len(sizes) and engine["workers"] == min(workers, len(sizes))
     assert result.report.samples == 48
     if mode == "exact":  # progress per wave, as many waves as the local engine
@@ -109,7 +109,7 @@ def test_a_ray_dataset_is_data(ray_cluster, net, images):
     local = reestimate(net, {"x": images}, batch_size=BATCH)
     result, _ = _ray(net, dataset, "exact", workers=2)
     _assert_same(result, local)
-    assert result.report.engine["shards"] == 2
+    assert result.report.extras["engine"]["shards"] == 2
 
 
 def test_samples_takes_the_first_samples_in_shard_order(ray_cluster, net, images, tmp_path):
@@ -147,7 +147,7 @@ def test_a_worker_killed_mid_wave_is_replaced_and_the_answer_is_unchanged(
     _kill_worker_in_wave(monkeypatch, ray_cluster, 3)
     result, lines = _ray(net, folder, "exact", workers=2)
     _assert_same(result, local)
-    assert result.report.engine["retried"] == [
+    assert result.report.extras["engine"]["retried"] == [
         f"worker 0 (2 shard(s): {folder / 'part0.npz'} .. {folder / 'part1.npz'}), wave 3"
     ]
     assert any("died in wave 3" in line for line in lines)

@@ -156,3 +156,15 @@ def test_docs_screenshot_is_committed():
     """docs/compare-report.png: the HTML report as headless Chromium shows it."""
     shot = Path(__file__).resolve().parents[1] / "docs" / "compare-report.png"
     assert shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_layer_plot_labels_name_the_nodes_not_the_op_types() -> None:
+    from bnsurgery.harness.compare import compare
+    from bnsurgery.harness.report import layer_tick_labels, short_node_name
+
+    model = SAMPLES / "digits_cnn.onnx"
+    report = compare(model, model, layerwise=True, show_progress=False)
+    labels = layer_tick_labels(report.layerwise[0])
+    bns = [label for label in labels if label.endswith("BatchNormalization")]
+    assert len(bns) == 4 and len(set(bns)) == 4  # /bn1/..., /bn2/...: told apart
+    assert short_node_name("/a" * 40).startswith("…") and len(short_node_name("/a" * 40)) == 28

@@ -487,6 +487,12 @@ def measure_pass(pass_: Any, work: onnx.ModelProto, targets, writer, report) -> 
     if pass_.samples is not None and pass_.samples < MIN_SAMPLES:
         raise BadInputError(f"--samples must be >= {MIN_SAMPLES}, got {pass_.samples}")
 
+    # source-relative adaptation: the source moments, as the local engine loads them (a
+    # statistics file, or SOURCE measured in this process); the target is measured on Ray
+    pass_._load_source(pass_.mode, {t.key: t.channels for t in targets}, None, work, targets)
+    if pass_._source is not None:
+        report.extras["source_description"] = pass_._source_description
+
     def on_wave(wave_targets, moments: dict[str, Moments], samples: int) -> None:
         check_samples(samples)
         for t in wave_targets:
@@ -516,7 +522,7 @@ def measure_pass(pass_: Any, work: onnx.ModelProto, targets, writer, report) -> 
     report.batches = run.batches
     report.batch_size = pass_.batch_size
     report.run.passes = run.waves
-    report.engine = {
+    report.extras["engine"] = {
         "name": "ray",
         "workers": run.workers,
         "shards": run.shards,
