@@ -240,3 +240,23 @@ def test_address_and_workers_need_engine_ray(net, images, tmp_path, cli, write_m
     folder = _shards(tmp_path / "shards", images, (48,))
     code, _, err = cli("reestimate", write_model(net), "--data", folder, "--workers", "2")
     assert code == 2 and "--engine ray" in err
+
+
+def test_source_relative_adaptation_runs_on_ray_with_the_local_answer(
+    ray_cluster, net, images, tmp_path
+):
+    folder = _shards(tmp_path / "shards", images, (24, 24))
+    source = {"x": ref.image_data(32, seed=9)}
+    local = reestimate(net, folder, source=source, batch_size=BATCH)
+    from bnsurgery.passes.reestimate_ray import RayOptions
+
+    result = reestimate(
+        net, folder, source=source, batch_size=BATCH, engine="ray",
+        ray_options=RayOptions(workers=2),
+    )  # fmt: skip
+    _assert_same(result, local)
+    written = ref.bn_params(result.model)
+    for name, params in ref.bn_params(local.model).items():
+        for got, want in zip(written[name], params, strict=True):
+            assert relative_error(got, want) < TOL, name
+    assert "source_relative" in result.report.to_dict()
