@@ -26,8 +26,23 @@ Example:
     "--providers",
     default="cpu",
     show_default=True,
-    help="Comma-separated: cpu, cuda, tensorrt, openvino, dml, coreml. The reference runs on "
-    "the first.",
+    help="Comma-separated execution providers: cpu, cuda, tensorrt, openvino, dml, coreml, any "
+    "name `bnsurgery providers` lists, or a plugin EP's. The reference runs on the first.",
+)
+@click.option(
+    "--ep-library",
+    "ep_libraries",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Register a plugin execution provider library (repeatable); then --providers NAME.",
+)
+@click.option(
+    "--provider-option",
+    "provider_options",
+    multiple=True,
+    metavar="EP:KEY=VALUE",
+    help="An option of one provider (repeatable), e.g. openvino:precision=FP32, "
+    "ggml:weights=f32, cuda:use_tf32=1.",
 )
 @click.option(
     "--data",
@@ -65,7 +80,8 @@ Example:
 @click.option(
     "--allow-fallback",
     is_flag=True,
-    help="Run on CPU when a requested provider is unavailable (stated loudly) instead of exit 3.",
+    help="Run anyway when a requested provider is unavailable or leaves nodes to another "
+    "provider (stated loudly, the op types named) instead of exit 3.",
 )
 @click.option(
     "--opt-level",
@@ -108,6 +124,8 @@ def compare_command(
     reference: Path,
     candidate: Path | None,
     providers: str,
+    ep_libraries: tuple[str, ...],
+    provider_options: tuple[str, ...],
     data: str | None,
     labels_key: str | None,
     shapes: tuple[str, ...],
@@ -133,8 +151,8 @@ def compare_command(
 
     The reference is REFERENCE on the first provider, graph optimizations off. Every other
     (model, provider) pair runs on the same data and is judged per output. Exit 1 when any
-    output is beyond tolerance, 3 when a requested provider is unavailable (unless
-    --allow-fallback). See docs/compare.md.
+    output is beyond tolerance, 3 when a requested provider is unavailable or any node ran
+    elsewhere (unless --allow-fallback). See docs/compare.md and docs/providers.md.
     """
     from bnsurgery.harness.compare import compare
     from bnsurgery.harness.matching import load_tensor_map
@@ -156,6 +174,8 @@ def compare_command(
         tensor_map=tensor_map,
         stability=stability,
         allow_fallback=allow_fallback,
+        provider_options=list(provider_options),
+        ep_libraries=list(ep_libraries),
         opt_level=opt_level,
         reference_opt_level=reference_opt_level,
         cuda_tf32=cuda_tf32,

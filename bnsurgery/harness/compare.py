@@ -26,7 +26,14 @@ from bnsurgery.errors import BadInputError
 from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
 from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
 from bnsurgery.harness.noise import rounding_noise_copy
-from bnsurgery.harness.providers import ProviderConfig, SessionInfo, parse_providers
+from bnsurgery.harness.providers import (
+    ProviderConfig,
+    SessionInfo,
+    alias_of,
+    parse_provider_options,
+    parse_providers,
+    resolve_alias,
+)
 from bnsurgery.harness.runner import Runner, progress
 from bnsurgery.harness.stability import StabilityReport
 
@@ -256,6 +263,8 @@ def compare(
     tensor_map: Mapping[str, str | None] | None = None,
     stability: bool = False,
     allow_fallback: bool = False,
+    provider_options: Any = None,
+    ep_libraries: Any = None,
     opt_level: str = "disable_all",
     reference_opt_level: str = "disable_all",
     cuda_tf32: bool = False,
@@ -270,8 +279,11 @@ def compare(
 ) -> CompareReport:
     """Compare `candidate` (and `reference` itself on the other providers) with `reference`
     on the first provider. See docs/compare.md; `atol`/`rtol` take a number, or CLI-style
-    strings (`"1e-4"`, `"logits:1e-3"`). Raises BadInputError (exit 2) on bad input and
-    EnvironmentProblem (exit 3) when a provider is unavailable without `allow_fallback`."""
+    strings (`"1e-4"`, `"logits:1e-3"`). `provider_options`: {provider: {key: value}} or
+    `EP:KEY=VALUE` strings; `ep_libraries`: {name: path} or `NAME=PATH` strings of plugin EP
+    libraries to register. Raises BadInputError (exit 2) on bad input and EnvironmentProblem
+    (exit 3) when a provider is unavailable, or left nodes to another provider, without
+    `allow_fallback`."""
     from bnsurgery.harness.isolation import run_isolated
     from bnsurgery.io import load_model
 
@@ -284,7 +296,8 @@ def compare(
         candidate_label=_label(candidate) if candidate is not None else None,
         providers=providers, data=data, labels_key=labels_key, atol=atol, rtol=rtol,
         layerwise=layerwise, tensor_map=tensor_map, stability=stability,
-        allow_fallback=allow_fallback, opt_level=opt_level,
+        allow_fallback=allow_fallback, provider_options=provider_options,
+        ep_libraries=ep_libraries, opt_level=opt_level,
         reference_opt_level=reference_opt_level, cuda_tf32=cuda_tf32,
         cudnn_conv_algo_search=cudnn_conv_algo_search, device_id=device_id,
         intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
@@ -307,6 +320,8 @@ def compare_models(
     tensor_map: Mapping[str, str | None] | None = None,
     stability: bool = False,
     allow_fallback: bool = False,
+    provider_options: Any = None,
+    ep_libraries: Any = None,
     opt_level: str = "disable_all",
     reference_opt_level: str = "disable_all",
     cuda_tf32: bool = False,
@@ -322,7 +337,14 @@ def compare_models(
     """compare() on models already loaded and checked (what fold's verification runs)."""
     from bnsurgery.data import load_data
 
-    aliases = parse_providers(providers)
+    aliases = parse_providers(providers, ep_libraries)
+    options_by_provider = parse_provider_options(provider_options)
+    unused = [n for n in options_by_provider if alias_of(n) not in aliases]
+    if unused:
+        raise BadInputError(
+            f"provider options for {', '.join(alias_of(n) for n in unused)}, which is not "
+            f"among the providers ({', '.join(aliases)})"
+        )
     if cand_model is not None:
         check_interfaces(ref_model, cand_model)
     output_names = [o.name for o in ref_model.graph.output]
@@ -339,6 +361,7 @@ def compare_models(
             device_id=device_id,
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
+            options=dict(options_by_provider.get(resolve_alias(alias), {})),
         )
         cfg.validate()
         return cfg

@@ -189,6 +189,10 @@ def render_text(report: CompareReport) -> str:
                 lines.append(f"  {pair.model} on {pair.provider}, {m.name}: {m.verdict()}")
                 if m.note:
                     lines.append(f"  {pair.model} on {pair.provider}, {m.name}: {m.note}")
+    placement = placement_lines(report)
+    if placement:
+        lines.append("")
+        lines += placement
     for lw in report.layerwise:
         lines.append("")
         lines.append(f"layer-wise, {lw.model} on {lw.provider}: {layer_summary(lw)}")
@@ -198,6 +202,22 @@ def render_text(report: CompareReport) -> str:
     lines.append("")
     lines.append(result_line(report))
     return "\n".join(lines)
+
+
+def placement_lines(report: CompareReport) -> list[str]:
+    """Where the nodes ran, for every session not on the CPU provider (the CPU provider runs
+    every node by definition): `placement  candidate on openvino: 15 of 16 nodes; on CPU: ...`."""
+    sessions = [
+        ("reference", report.reference_session),
+        *((p.model, p.session) for p in report.pairs),
+    ]
+    lines = []
+    for model, session in sessions:
+        if session.placement is None or session.requested == "CPUExecutionProvider":
+            continue
+        summary = session.placement.summary(session.alias or session.requested)
+        lines.append(f"{'placement' if not lines else '':<9}  {model} on {summary}")
+    return lines
 
 
 def result_line(report: CompareReport) -> str:
