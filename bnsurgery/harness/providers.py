@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,7 +351,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     available = available_providers()
     providers: list[Any] | None = []
     library = next((lib for lib in registered_libraries() if wanted in lib.ep_names), None)
-    if library is not None and wanted not in available:  # a plugin EP: attach its devices
+    if library is not None:  # a plugin EP: attach its devices (the documented way)
         devices = ep_devices(wanted)
         if not devices:
             raise EnvironmentProblem(f"{library.name}: registered, but it reported no device here")
@@ -415,16 +416,26 @@ def _new_session(ort: Any, payload: Any, options: Any, providers: list[Any] | No
             return ort.InferenceSession(
                 payload, sess_options=options, providers=providers, enable_fallback=0
             )
-    except Exception as exc:
-        if wanted == "CPUExecutionProvider" or not is_onnxruntime_error(exc):
+    except Exception as exc:  # pybind raises RuntimeError for an EP that cannot be created
+        if wanted == CPU_EP or not (is_onnxruntime_error(exc) or type(exc) is RuntimeError):
             raise
-        cpu_options = session_options(config)
-        cpu = ort.InferenceSession(payload, sess_options=cpu_options, providers=[CPU_EP])
+        try:  # does the CPU provider run it? If not, the model is at fault, not the provider
+            cpu = ort.InferenceSession(
+                payload, sess_options=session_options(config), providers=[CPU_EP]
+            )
+        except Exception:
+            raise exc from None
         given = ", ".join(f"{k}={v}" for k, v in info.provider_options.items())
         reason = f"execution provider {wanted} could not be created" + (
             f" with options {given}" if given else ""
-        ) + f": {first_line(exc)}"  # fmt: skip
+        ) + f": {_ort_message(exc)}"  # fmt: skip
         if not config.allow_fallback:
             raise EnvironmentProblem(reason) from None
         info.notes.append(f"FALLBACK: {reason}; running on {CPU_EP}")
         return cpu
+
+
+def _ort_message(exc: BaseException) -> str:
+    """The first line of an ONNX Runtime error without its C++ source location and signature
+    (`/onnxruntime/...cc:1053 std::shared_ptr<...> f(...) Invalid OpenVINO EP option: x`)."""
+    return re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\) ", "", first_line(exc))
