@@ -13,6 +13,7 @@ from conftest import SAMPLES
 
 import bnsurgery
 from bnsurgery.errors import BadInputError, EnvironmentProblem
+from bnsurgery.harness import placement as PL
 from bnsurgery.harness import providers as P
 from bnsurgery.harness import runtime
 from bnsurgery.harness.placement import Placement
@@ -216,3 +217,39 @@ def test_a_provider_that_cannot_be_created_is_exit_3_not_onnxruntimes_silent_ret
     assert info.fallback and info.ran_on == "CPUExecutionProvider"
     assert info.notes[0].startswith("FALLBACK: execution provider CUDAExecutionProvider could not")
     assert "EP Error" not in capsys.readouterr().out
+
+
+# -- placement on ONNX Runtime before 1.24: from its verbose log ------------------------------
+OPENVINO_LOG = """\
+2026-12-05 [V:onnxruntime:, session_state.cc:1307 VerifyEachNodeIsAssignedToAnEp] Node placements
+2026-12-05 [V:onnxruntime:, session_state.cc:1313 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [OpenVINOExecutionProvider]. Number of nodes: 2
+2026-12-05 [V:onnxruntime:, session_state.cc:1315 VerifyEachNodeIsAssignedToAnEp]   OpenVINO-EP-subgraph_1 (OpenVINOExecutionProvider_OpenVINO-EP-subgraph_1_0)
+2026-12-05 [V:onnxruntime:, session_state.cc:1315 VerifyEachNodeIsAssignedToAnEp]   OpenVINO-EP-subgraph_2 (OpenVINOExecutionProvider_OpenVINO-EP-subgraph_2_1)
+2026-12-05 [V:onnxruntime:, session_state.cc:1313 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 1
+2026-12-05 [V:onnxruntime:, session_state.cc:1315 VerifyEachNodeIsAssignedToAnEp]   Hardmax (hardmax)
+2026-12-05 [V:onnxruntime:, session_state.cc:175 CreateGraphInfo] SaveMLValueNameIndexMapping
+"""  # noqa: E501 (the log as onnxruntime-openvino 1.24.1 wrote it for Conv->BN->Hardmax->Relu)
+
+
+def test_the_verbose_placement_log_names_the_nodes_off_the_provider():
+    nodes = [("conv", "Conv"), ("bn", "BatchNormalization"), ("hardmax", "Hardmax"),
+             ("relu", "Relu")]  # fmt: skip
+    placement = PL.from_log(OPENVINO_LOG, "OpenVINOExecutionProvider", nodes)
+    assert placement.summary("openvino") == "openvino: 3 of 4 nodes; on CPU: Hardmax"
+    everything = "x VerifyEachNodeIsAssignedToAnEp]  All nodes placed on [X]. Number of nodes: 4"
+    assert PL.from_log(everything, "X", nodes).kind == "none"
+    assert PL.from_log(everything, "Y", nodes).kind == "full"
+    assert not PL.from_log("nothing", "X", nodes).recorded
+
+
+@needs_azure
+def test_without_the_placement_record_the_log_still_catches_a_full_fallback(monkeypatch):
+    from onnxruntime.capi import onnxruntime_inference_collection as collection
+
+    for cls in (collection.Session, collection.InferenceSession):
+        monkeypatch.delattr(cls, "get_provider_graph_assignment_info", raising=False)
+    with pytest.raises(EnvironmentProblem, match=r"AzureExecutionProvider took no node .* all 16"):
+        create_session(str(CNN), ProviderConfig("azure"))
+    _, info = create_session(str(CNN), ProviderConfig("azure", allow_fallback=True))
+    assert info.placement.recorded and info.placement.kind == "full"
+    assert info.placement.off_op_types()["CPUExecutionProvider"]["Conv"] == 3

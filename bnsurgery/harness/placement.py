@@ -10,11 +10,21 @@ allowed, and names the op types either way.
 
 Nodes ONNX Runtime adds itself (MemcpyToHost/MemcpyFromHost between devices) are not the
 model's and are not counted.
+
+Older ONNX Runtime (before 1.24) has no such record; there the placement comes from the
+verbose log of a throwaway session (`Node placements`, written to stderr while the session is
+created): it lists the nodes each provider took, a compiling provider's as fused subgraphs, so
+the nodes off the requested provider are named and the rest are counted as on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +148,47 @@ def read(session: Any, requested: str) -> Placement:
         if node.op_type not in ORT_ADDED_OPS
     ]
     return Placement(requested, recorded=True, nodes=nodes)
+
+
+_PLACED = re.compile(r"(All nodes|Node\(s\)) placed on \[([^\]]+)\]\. Number of nodes: (\d+)")
+_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3,}(\S+) \((.*)\)\s*$")
+
+
+def from_log(log: str, requested: str, model_nodes: list[tuple[str, str]]) -> Placement:
+    """The placement ONNX Runtime's verbose `Node placements` log states, for a model whose
+    nodes are `model_nodes` [(name, op_type)]."""
+    listed: dict[str, list[tuple[str, str]]] = {}
+    everything: str | None = None
+    current = None
+    for line in log.splitlines():
+        placed = _PLACED.search(line)
+        if placed:
+            current = placed.group(2)
+            listed.setdefault(current, [])
+            if placed.group(1) == "All nodes":
+                everything = current
+            continue
+        node = _NODE.search(line)
+        if node and current is not None:
+            listed[current].append((node.group(2), node.group(1)))
+    if not listed:
+        return Placement(requested, recorded=False, reason="ONNX Runtime logged no placement")
+    if everything is not None:
+        return Placement(requested, True, [(n, op, everything) for n, op in model_nodes])
+    off = [(name, op, ep) for ep, nodes in listed.items() if ep != requested for name, op in nodes]
+    off_names = {name for name, _, _ in off}
+    on = [(n, op, requested) for n, op in model_nodes if n not in off_names]
+    return Placement(requested, True, on + [n for n in off if n[1] not in ORT_ADDED_OPS])
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[Callable[[], str]]:
+    """What the process writes to file descriptor 2 (ONNX Runtime's log) within the block."""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield lambda: (sink.seek(0), sink.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -350,12 +350,14 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     recording = P.enable_recording(options)
     available = available_providers()
     providers: list[Any] | None = []
+    attach: Any = None
     library = next((lib for lib in registered_libraries() if wanted in lib.ep_names), None)
     if library is not None:  # a plugin EP: attach its devices (the documented way)
         devices = ep_devices(wanted)
         if not devices:
             raise EnvironmentProblem(f"{library.name}: registered, but it reported no device here")
         options.add_provider_for_devices(devices, info.provider_options)
+        attach = lambda o: o.add_provider_for_devices(devices, info.provider_options)  # noqa: E731
         info.plugin_library = library.path
         providers = None
     elif wanted not in available:
@@ -387,6 +389,15 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         info.effective_options = {}
     if recording and not info.notes:
         info.placement = P.read(session, wanted)
+        if not info.placement.recorded and wanted != CPU_EP:  # ORT < 1.24: its verbose log
+            logged = session_options(config)
+            logged.log_severity_level = 0
+            if attach is not None:
+                attach(logged)
+            with P.captured_stderr() as log:
+                ort.InferenceSession(payload, sess_options=logged, providers=providers)
+                text = log()
+            info.placement = P.from_log(text, wanted, _model_nodes(model))
     if wanted not in info.active and not info.notes:
         reason = f"execution provider {wanted} did not load (active: {', '.join(info.active)}); " \
             "check the CUDA/cuDNN libraries and the onnxruntime-gpu install"  # fmt: skip
@@ -439,3 +450,14 @@ def _ort_message(exc: BaseException) -> str:
     """The first line of an ONNX Runtime error without its C++ source location and signature
     (`/onnxruntime/...cc:1053 std::shared_ptr<...> f(...) Invalid OpenVINO EP option: x`)."""
     return re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\) ", "", first_line(exc))
+
+
+def _model_nodes(model: Any) -> list[tuple[str, str]]:
+    """(name, op_type) of the main graph's nodes, weights left on disk."""
+    if not isinstance(model, onnx.ModelProto):
+        model = (
+            onnx.load_from_string(bytes(model))
+            if isinstance(model, bytes | bytearray)
+            else onnx.load(os.fspath(model), load_external_data=False)
+        )
+    return [(node.name, node.op_type) for node in model.graph.node]
