@@ -14,6 +14,7 @@ Data streams: one batch is held at a time, and metrics accumulate across batches
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class PairResult:
     provider: str  # the alias asked for
     session: SessionInfo
     outputs: list[ErrorMetrics]
+    seconds: float = 0.0  # time in session.run over every batch
 
     @property
     def passed(self) -> bool:
@@ -63,6 +65,7 @@ class PairResult:
             "provider": self.provider,
             "passed": self.passed,
             "session": self.session.to_dict(),
+            "inference_seconds": self.seconds,
             "outputs": [m.to_dict() for m in self.outputs],
         }
 
@@ -438,6 +441,7 @@ def compare_models(
 
     samples = batches = 0
     with_labels = 0
+    seconds = [0.0] * len(runners)
     input_shapes: dict[str, list[int]] = {}
     if pair_specs:
         with progress(
@@ -451,8 +455,10 @@ def compare_models(
                     input_shapes = {k: list(np.shape(v)) for k, v in batch.feeds.items()}
                 ref_out = ref_runner.infer(batch.feeds)
                 noise_out = noise_runner.infer(batch.feeds) if noise_runner else {}
-                for runner, accs in zip(runners, accumulators, strict=True):
+                for index, (runner, accs) in enumerate(zip(runners, accumulators, strict=True)):
+                    started = time.perf_counter()
                     out = runner.infer(batch.feeds)
+                    seconds[index] += time.perf_counter() - started
                     for name, acc in accs.items():
                         acc.update(ref_out[name], out[name], batch.labels, noise_out.get(name))
                 if ref_layer_runner is not None:
@@ -499,8 +505,11 @@ def compare_models(
         tolerances=tolerances,
         notes=list(source.notes),
     )
-    for (role, _, cfg), info, accs in zip(pair_specs, infos, accumulators, strict=True):
-        report.pairs.append(PairResult(role, cfg.alias, info, [a.result() for a in accs.values()]))
+    for (role, _, cfg), info, accs, spent in zip(
+        pair_specs, infos, accumulators, seconds, strict=True
+    ):
+        outputs = [a.result() for a in accs.values()]
+        report.pairs.append(PairResult(role, cfg.alias, info, outputs, spent))
     for (role, _, cfg), (matched, unmatched, _), accs in zip(
         pair_specs if layer_plans else [], layer_plans, layer_accumulators, strict=True
     ):
