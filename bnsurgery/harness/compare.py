@@ -36,6 +36,7 @@ from bnsurgery.harness.providers import (
     resolve_alias,
 )
 from bnsurgery.harness.runner import Runner, progress
+from bnsurgery.harness.sequential import run_one_at_a_time
 from bnsurgery.harness.stability import StabilityReport
 
 SCHEMA = "bnsurgery.compare/1"
@@ -186,10 +187,17 @@ class CompareReport:
             "tolerances": self.tolerances.to_dict(),
             "fallbacks": self.fallbacks,
             "comparisons": [p.to_dict() for p in self.pairs],
-            "layerwise": [lw.to_dict() for lw in self.layerwise] if self.layerwise else None,
+            "layerwise": [self._layerwise_dict(lw) for lw in self.layerwise]
+            if self.layerwise
+            else None,
             "stability": self.stability.to_dict() if self.stability else None,
             "notes": list(self.notes),
         }
+
+    def _layerwise_dict(self, lw: LayerwiseResult) -> dict[str, Any]:
+        from bnsurgery.harness.report import divergence_caveat
+
+        return {**lw.to_dict(), "note": divergence_caveat(self, lw)}
 
     def render_text(self) -> str:
         from bnsurgery.harness.report import render_text
@@ -388,9 +396,13 @@ def compare_models(
         data, ref_model, batch_size=batch_size, labels_key=labels_key, shapes=shapes, seed=seed
     )
     ref_runner = Runner(ref_model, ref_config, label="reference")
-    ref_info = ref_runner.activate()
     runners = [Runner(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs]
-    infos = [r.activate() for r in runners]
+    # Outputs alone: one session at a time (harness.sequential). Layer-wise: side by side,
+    # since every intermediate tensor of the reference would have to be kept otherwise.
+    sequential = bool(pair_specs) and not layerwise
+    if not sequential:
+        ref_info = ref_runner.activate()
+        infos = [r.activate() for r in runners]
 
     # layer-wise: which tensors to return from each model
     layer_plans: list[tuple[list[TensorMatch], list[TensorMatch], Runner]] = []
@@ -413,12 +425,13 @@ def compare_models(
     # The default rule measures the rounding noise of the reference: the reference with its
     # weights rounded once more, run on the same provider and batches (harness.noise).
     noise_model = None
-    if any(not tolerances.explicit_for(n) for n in output_names) or (
+    noise_wanted = any(not tolerances.explicit_for(n) for n in output_names) or bool(
         layer_plans and tolerances.atol is None and tolerances.rtol is None
-    ):
+    )
+    if noise_wanted and not sequential:
         noise_model = rounding_noise_copy(ref_model, seed)
     noise_runner = noise_layer_runner = None
-    if noise_model is not None and pair_specs:
+    if noise_model is not None and pair_specs and not sequential:
         noise_runner = Runner(noise_model, ref_config, label="rounding noise")
         noise_runner.activate()
         if ref_layer_runner is not None:
@@ -443,7 +456,17 @@ def compare_models(
     with_labels = 0
     seconds = [0.0] * len(runners)
     input_shapes: dict[str, list[int]] = {}
-    if pair_specs:
+    if sequential:
+        make_noise = (lambda: Runner(rounding_noise_copy(ref_model, seed).SerializeToString(),
+                                     ref_config, label="rounding noise")  # type: ignore[arg-type]
+                      ) if noise_wanted else None  # fmt: skip
+        done = run_one_at_a_time(
+            source, ref_runner, make_noise, runners, accumulators, show_progress=show_progress
+        )
+        ref_info, infos, seconds = done.reference, done.pairs, done.seconds
+        samples, batches, with_labels = done.samples, done.batches, done.with_labels
+        input_shapes = done.input_shapes
+    elif pair_specs:
         with progress(
             source.batches(),
             length=source.num_batches,

@@ -379,6 +379,10 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     if isinstance(payload, os.PathLike):
         payload = os.fspath(payload)
     session = _new_session(ort, payload, options, providers, wanted, info, config)
+    # ORT's Python session keeps the serialized model it was made from, only to make itself
+    # again on its own CPU retry (turned off here): as large as the weights, for nothing
+    if isinstance(getattr(session, "_model_bytes", None), bytes):
+        session._model_bytes = None
     info.active = list(session.get_providers())
     try:
         info.effective_options = {

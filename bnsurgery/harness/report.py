@@ -132,6 +132,23 @@ def divergence_line(lw: LayerwiseResult) -> str:
     )
 
 
+def divergence_caveat(report: CompareReport, lw: LayerwiseResult) -> str | None:
+    """What a first divergence means when the pair's outputs still agree: most likely two
+    tensors paired by name that mean different things, which a tensor map fixes."""
+    if lw.first_divergence is None:
+        return None
+    pair = next((p for p in report.pairs if (p.model, p.provider) == (lw.model, lw.provider)), None)
+    if pair is None or not pair.passed:
+        return None
+    return (
+        "the outputs agree, so this is most likely no error: the two graphs name their tensors "
+        "differently, and this pairs two tensors that mean different things (after a fold, a "
+        "tool may keep the Conv's pre-BN name for the post-BN tensor). Give the correspondence "
+        "with --map MAP.json (a `bnsurgery fold --json` report, or a JSON object {reference "
+        "tensor: candidate tensor})"
+    )
+
+
 def render_text(report: CompareReport) -> str:
     lines: list[str] = []
     for note in report.fallbacks:
@@ -197,6 +214,9 @@ def render_text(report: CompareReport) -> str:
         lines.append("")
         lines.append(f"layer-wise, {lw.model} on {lw.provider}: {layer_summary(lw)}")
         lines.append(f"  {divergence_line(lw)}")
+        caveat = divergence_caveat(report, lw)
+        if caveat:
+            lines.append(f"  note: {caveat}")
     if report.stability is not None:
         lines += ["", *_stability_text(report)]
     lines.append("")

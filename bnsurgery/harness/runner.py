@@ -113,7 +113,9 @@ class Runner:
         self.label = label or self.config.alias
         self.session: Any = None
         self.info: SessionInfo | None = None
-        self.output_names: list[str] = [o.name for o in model.graph.output]
+        # a serialized model (bytes) learns its outputs from the session
+        graph = getattr(model, "graph", None)
+        self.output_names: list[str] = [o.name for o in graph.output] if graph else []
 
     def activate(self) -> SessionInfo:
         if self.session is None:
