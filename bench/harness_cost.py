@@ -127,7 +127,9 @@ def run_tool(commands: list[tuple[list[str], dict[str, str]]]) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / ".cache" / "results" / "harness_cost.json"
+    )
     parser.add_argument("--other-checkout", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--write-docs", action="store_true")

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(DATA))
     parser.add_argument("--self-only", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / ".cache" / "results" / "providers.json"
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     import onnxruntime

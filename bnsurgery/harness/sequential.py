@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bnsurgery.errors import DataError
+from bnsurgery.harness.isolation import _release_free_heap
 from bnsurgery.harness.metrics import ErrorAccumulator
 from bnsurgery.harness.providers import SessionInfo
 from bnsurgery.harness.runner import Runner, progress
@@ -52,56 +53,78 @@ def run_one_at_a_time(
     """Run the reference, then the noise copy (made by `noise()`), then each pair, one session
     alive at a time; every pair's outputs go into its accumulators against the reference's."""
     names = list(accumulators[0]) if accumulators else []
-    kept: list[dict[str, np.ndarray]] = []
+    kept: list[dict[str, Any]] = []
     labels: list[np.ndarray | None] = []
     run = SequentialRun(reference=reference.activate())
-    with progress(source.batches(), length=source.num_batches, label="reference",
-                  enabled=show_progress) as stream:  # fmt: skip
-        for batch in stream:
-            out = reference.infer(batch.feeds)
-            kept.append({name: out[name] for name in names})
-            labels.append(batch.labels)
-            run.input_shapes = run.input_shapes or {
-                k: list(np.shape(v)) for k, v in batch.feeds.items()
-            }
-            run.samples += batch.size
-            run.with_labels += batch.labels is not None
+
+    def keep(index: int, batch: Any, out: dict[str, Any]) -> None:
+        kept.append(_own(out, names))
+        labels.append(batch.labels)
+        run.input_shapes = run.input_shapes or {
+            k: list(np.shape(v)) for k, v in batch.feeds.items()
+        }
+        run.samples += batch.size
+        run.with_labels += batch.labels is not None
+
+    _one_pass(source, reference, None, keep, show_progress)
     run.batches = len(kept)
-    _release(reference)
-    noise_out: list[dict[str, np.ndarray]] = [{} for _ in kept]
+    noise_out: list[dict[str, Any]] = [{} for _ in kept]
     if noise is not None:
-        runner = noise()
-        noise_out = [{n: out[n] for n in names} for out in _outputs(source, runner, len(kept))]
-        _release(runner)
-        del runner  # the noise copy of the model goes with it
+        noise_out = []
+
+        def note_noise(index: int, batch: Any, out: dict[str, Any]) -> None:
+            noise_out.append(_own(out, names))
+
+        _one_pass(source, noise(), run.batches, note_noise, show_progress)
     for runner, accs in zip(pairs, accumulators, strict=True):
+
+        def judge(index: int, batch: Any, out: dict[str, Any], accs: Any = accs) -> None:
+            for name, acc in accs.items():
+                acc.update(kept[index][name], out[name], labels[index], noise_out[index].get(name))
+
         run.pairs.append(runner.activate())
-        spent = 0.0
-        seen = 0
-        with progress(source.batches(), length=source.num_batches, label=runner.label,
-                      enabled=show_progress) as stream:  # fmt: skip
-            for index, batch in enumerate(stream):
-                _check_same_pass(index, len(kept))
-                started = time.perf_counter()
-                out = runner.infer(batch.feeds)
-                spent += time.perf_counter() - started
-                for name, acc in accs.items():
-                    acc.update(kept[index][name], out[name], labels[index],
-                               noise_out[index].get(name))  # fmt: skip
-                seen += 1
-        _check_same_pass(len(kept) - 1, seen)
-        run.seconds.append(spent)
-        _release(runner)
+        run.seconds.append(_one_pass(source, runner, run.batches, judge, show_progress))
     return run
 
 
-def _outputs(source: Any, runner: Runner, expected: int) -> list[dict[str, np.ndarray]]:
-    outputs = []
-    for index, batch in enumerate(source.batches()):
-        _check_same_pass(index, expected)
-        outputs.append(runner.infer(batch.feeds))
-    _check_same_pass(expected - 1, len(outputs))
-    return outputs
+def _one_pass(
+    source: Any,
+    runner: Runner,
+    expected: int | None,
+    each: Callable[[int, Any, dict[str, Any]], None],
+    show_progress: bool | None,
+) -> float:
+    """Every batch through `runner`, `each(index, batch, outputs)` on what it gives; then the
+    session is released (nothing of its outputs outlives this call). The seconds in run()."""
+    runner.activate()
+    spent = 0.0
+    seen = 0
+    out: Any = None
+    batch: Any = None
+    with progress(source.batches(), length=source.num_batches, label=runner.label,
+                  enabled=show_progress) as stream:  # fmt: skip
+        for index, batch in enumerate(stream):
+            if expected is not None:
+                _check_same_pass(index, expected)
+            started = time.perf_counter()
+            out = runner.infer(batch.feeds)
+            spent += time.perf_counter() - started
+            each(index, batch, out)
+            seen += 1
+    if expected is not None:
+        _check_same_pass(expected - 1, seen)
+    out = batch = stream = None  # no output of this session outlives it
+    runner.deactivate()
+    gc.collect()
+    _release_free_heap()  # the session's pages back to the system before the next one
+    return spent
+
+
+def _own(outputs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Copies of the outputs kept: an array ONNX Runtime returns can hold on to memory of the
+    session that made it (its arena stays alive with it), and the session must go."""
+    return {n: np.array(outputs[n], copy=True) if isinstance(outputs[n], np.ndarray)
+            else outputs[n] for n in names}  # fmt: skip
 
 
 def _check_same_pass(index: int, expected: int) -> None:
@@ -112,18 +135,3 @@ def _check_same_pass(index: int, expected: int) -> None:
             "DATA gave a different number of batches on another pass; a load_data() script "
             "must yield the same data every time it is called"
         )
-
-
-def _release(runner: Runner) -> None:
-    """Drop the session now, so that its memory is free before the next one is made."""
-    runner.deactivate()
-    gc.collect()
-    _trim()
-
-
-def _trim() -> None:
-    """Hand the heap's free pages back to the system (glibc), so the next session's memory
-    is not counted on top of the last one's."""
-    from bnsurgery.harness.isolation import _release_free_heap
-
-    _release_free_heap()
