@@ -49,7 +49,7 @@ def fold_file_checked(
             reference = materialize(original)
             candidate = PassResult(materialize(result.model), report, result.modified)
         try:
-            verify_fold(reference, candidate, shapes=shapes)
+            verify_fold(reference, candidate, shapes=shapes, label=str(model))
         except CheckFailed as exc:
             return report, None, exc
     written = save_model(

@@ -43,9 +43,11 @@ def _compare(
     from bnsurgery.harness.compare import compare_models
     from bnsurgery.harness.isolation import run_isolated
 
+    options = dict(options)
+    label = options.pop("label")
     return run_isolated(
-        compare_models, original, rewritten, what="the models to verify them",
-        reference_label="original", candidate_label="rewritten", providers=("cpu",),
+        compare_models, original, rewritten, what=f"{label} (verifying the rewrite)",
+        reference_label=label, candidate_label="rewritten", providers=("cpu",),
         show_progress=False, **options, **extra,
     )  # fmt: skip
 
@@ -57,7 +59,8 @@ def judge_pair(
 ) -> tuple[list[ErrorMetrics], str, dict[str, Any]]:
     """(per-output metrics, engine, data description) of the rewritten model against the
     original, on ONNX Runtime, or on onnx.reference where ONNX Runtime lacks a kernel.
-    options: data (a DATA spec), shapes, seed, atol, rtol."""
+    options: label (the original's name, for messages), data (a DATA spec), shapes, seed, atol,
+    rtol."""
     try:
         report = _compare(original, rewritten, options)
     except Exception as exc:
@@ -132,13 +135,16 @@ def verify_equivalent(
     atol: Any = None,
     rtol: Any = None,
     fold_report: Any = None,
+    label: str = "the model",
 ) -> dict[str, Any]:
     """Judge every output of `rewritten` against `original`; the outcome as a dict (the
     `verification` of fold's JSON, documented in docs/verification.md).
 
     fold_report: the FoldReport of the fold that made `rewritten`, so that a non-finite
-    original can still be verified fold by fold on the tensors each fold produces."""
+    original can still be verified fold by fold on the tensors each fold produces.
+    label: the original's name in messages (its path, say)."""
     options = {
+        "label": label,
         "data": data if data is not None else random_spec(original, samples),
         "shapes": shapes,
         "seed": seed,
@@ -208,11 +214,12 @@ def verify_fold(
     atol: Any = None,
     rtol: Any = None,
     raise_on_mismatch: bool = True,
+    label: str = "the model",
 ) -> dict[str, Any]:
     """Verify a fold result; the outcome goes into its report (`verification`)."""
     outcome = verify_equivalent(
         original, result.model, samples=samples, seed=seed, shapes=shapes, data=data,
-        atol=atol, rtol=rtol, fold_report=result.report,
+        atol=atol, rtol=rtol, fold_report=result.report, label=label,
     )  # fmt: skip
     result.report.verification = outcome  # type: ignore[attr-defined]
     if raise_on_mismatch and not outcome["ok"]:

@@ -274,15 +274,22 @@ def test_scale_epsilons_multiplies_every_bn_epsilon_and_nothing_else(name: str) 
         assert others == [a for a in before.attribute if a.name != "epsilon"]
 
 
+def one_channel_change(model, mutate, param: int):
+    """(the middle BN, its parameter `param` before and after, the one channel that changed),
+    asserting the mutation changed that parameter of that BN alone."""
+    out = unchanged(mutate, model)
+    node = m.node_named(model, wf.middle_bn(model))
+    ((changed, value),) = changed_initializers(model, out).items()
+    assert changed == node.input[param]
+    old = m.initializer(model, changed).astype(np.float64)
+    (channel,) = np.flatnonzero(value != old)
+    return node, old, value, channel
+
+
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_trained", "fp16_deep", "mlp_bn"])
 def test_nudge_gamma_scales_one_channel_of_the_middle_bn(name: str) -> None:
     model = built(name)
-    out = unchanged(wf.nudge_gamma, model)
-    node = m.node_named(model, wf.middle_bn(model))
-    ((changed, value),) = changed_initializers(model, out).items()
-    assert changed == node.input[1]
-    old = m.initializer(model, changed).astype(np.float64)
-    (diff,) = np.flatnonzero(value != old)
+    node, old, value, diff = one_channel_change(model, wf.nudge_gamma, 1)
     assert diff == wf.chosen_channel(model, node.name)
     tolerance = float(np.finfo(value.dtype).eps)
     assert value[diff] / old[diff] == pytest.approx(1.01, abs=tolerance)
@@ -291,13 +298,8 @@ def test_nudge_gamma_scales_one_channel_of_the_middle_bn(name: str) -> None:
 @pytest.mark.parametrize("name", ["resnet50_trained", "regnetx", "bn15_mixed_trained"])
 def test_shift_mean_moves_one_channel_half_a_standard_deviation(name: str) -> None:
     model = built(name)
-    out = unchanged(wf.shift_mean, model)
-    node = m.node_named(model, wf.middle_bn(model))
-    ((changed, value),) = changed_initializers(model, out).items()
-    assert changed == node.input[3]
-    old = m.initializer(model, changed).astype(np.float64)
+    node, old, value, c = one_channel_change(model, wf.shift_mean, 3)
     var = m.initializer(model, node.input[4]).astype(np.float64)
-    (c,) = np.flatnonzero(value != old)
     step = np.sqrt(var[c] + wf.epsilon(node))
     assert (value[c] - old[c]) / step == pytest.approx(0.5, rel=1e-5)
 

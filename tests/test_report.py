@@ -51,7 +51,7 @@ def test_text_table_names_pair_output_and_result(report):
 def test_json_schema_is_stable(report):
     """The keys documented in docs/compare.md; adding keys is fine, renaming is not."""
     d = json.loads(json.dumps(report.to_dict()))  # strictly JSON: no NaN/inf literals
-    assert d["schema"] == "bnsurgery.compare/1" and d["passed"] is False
+    assert d["schema"] == "bnsurgery.compare/2" and d["passed"] is False
     assert {"schema", "passed", "reference", "candidate", "providers", "data", "tolerances",
             "fallbacks", "comparisons", "layerwise", "stability", "notes"} <= set(d)  # fmt: skip
     assert {"model", "provider", "session"} <= set(d["reference"])
@@ -156,3 +156,15 @@ def test_docs_screenshot_is_committed():
     """docs/compare-report.png: the HTML report as headless Chromium shows it."""
     shot = Path(__file__).resolve().parents[1] / "docs" / "compare-report.png"
     assert shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_layer_plot_labels_name_the_nodes_not_the_op_types() -> None:
+    from bnsurgery.harness.compare import compare
+    from bnsurgery.harness.report import layer_tick_labels, short_node_name
+
+    model = SAMPLES / "digits_cnn.onnx"
+    report = compare(model, model, layerwise=True, show_progress=False)
+    labels = layer_tick_labels(report.layerwise[0])
+    bns = [label for label in labels if label.endswith("BatchNormalization")]
+    assert len(bns) == 4 and len(set(bns)) == 4  # /bn1/..., /bn2/...: told apart
+    assert short_node_name("/a" * 40).startswith("…") and len(short_node_name("/a" * 40)) == 28

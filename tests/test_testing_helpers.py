@@ -59,7 +59,7 @@ def test_fold_equivalence_fails_on_a_wrong_fold(monkeypatch):
     monkeypatch.setattr(FoldPass, "__call__", wrong_fold)
     with pytest.raises(
         AssertionError,
-        match=r"output 'y': deviation \d+x the rounding noise \(limit 8x\) \(max abs 0\.01",
+        match=r"output 'y': deviation [\d,]+x the rounding noise \(limit 8x\) \(max abs 0\.01",
     ):
         assert_fold_equivalent(M.conv_bn())
 

@@ -55,13 +55,15 @@ Example:
 @click.option(
     "--atol",
     multiple=True,
-    help="Absolute tolerance: A for every output or OUTPUT:A for one (repeatable). "
-    "Default by dtype: fp32 1e-5, fp16 2.5e-3.",
+    help="Judge by allclose with this absolute tolerance: A for every output or OUTPUT:A for "
+    "one (repeatable). Default: the rounding-noise rule; the half not given is by dtype "
+    "(fp32 1e-5, fp16 2.5e-3).",
 )
 @click.option(
     "--rtol",
     multiple=True,
-    help="Relative tolerance: R or OUTPUT:R (repeatable). Default: fp32 1e-4, fp16 1e-3.",
+    help="Judge by allclose with this relative tolerance: R or OUTPUT:R (repeatable); the half "
+    "not given is by dtype (fp32 1e-4, fp16 1e-3).",
 )
 @click.option("--layerwise", is_flag=True, help="Find the first node whose output diverges.")
 @click.option(
@@ -150,9 +152,12 @@ def compare_command(
     """Compare REFERENCE with CANDIDATE (or with itself on other providers) on ONNX Runtime.
 
     The reference is REFERENCE on the first provider, graph optimizations off. Every other
-    (model, provider) pair runs on the same data and is judged per output. Exit 1 when any
-    output is beyond tolerance, 3 when a requested provider is unavailable or any node ran
-    elsewhere (unless --allow-fallback). See docs/compare.md and docs/providers.md.
+    (model, provider) pair runs on the same data and is judged per output by fold's rule: its
+    deviation at most 8x the reference's rounding noise (--atol/--rtol: allclose instead).
+    Columns: top-1 is the share of samples with the same argmax; "top-5 set" the share whose
+    five highest classes are the same set, in any order. Exit 1 when any output is beyond the
+    limit, 3 when a requested provider is unavailable or any node ran elsewhere (unless
+    --allow-fallback). See docs/compare.md, docs/verification.md and docs/providers.md.
     """
     from bnsurgery.harness.compare import compare
     from bnsurgery.harness.matching import load_tensor_map

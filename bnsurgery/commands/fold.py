@@ -17,13 +17,16 @@ from bnsurgery.streamed_fold import fold_file_checked
 from bnsurgery.verify_folds import summary_line
 
 
-def render_table(report: FoldReport) -> str:
-    """BN node | action | target | reason, one row per BN, scope-qualified when not main."""
+def render_table(report: FoldReport, *, dry_run: bool = False) -> str:
+    """BN node | action | target | reason, one row per BN, scope-qualified when not main; a
+    dry run (info) speaks of what fold would do ("would fold forward", "would keep")."""
     rows = [("BN node", "action", "target", "reason")]
     for e in report.entries:
         name = f"{e.scope}/{e.node}" if e.scope else e.node
         target = f"{e.target} ({e.target_op})" if e.target else "-"
         action = f"{e.action} {e.direction}" if e.direction else e.action
+        if dry_run:
+            action = f"would fold {e.direction}" if e.action == "folded" else "would keep"
         reason = e.reason if not e.detail or e.action == "folded" else f"{e.reason}: {e.detail}"
         rows.append((name, action, target, reason))
     if len(rows) == 1:
@@ -168,7 +171,7 @@ def info_command(model: Path, no_backward: bool, no_affine: bool, as_json: bool)
         as_json,
         _payload(report, seconds, None),
         lambda: (
-            render_table(report)
+            render_table(report, dry_run=True)
             + "\n\n"
             + render_summary(report, seconds, None).replace(
                 "verification: skipped (--no-verify)", "dry run: nothing written"

@@ -39,7 +39,7 @@ from bnsurgery.harness.runner import Runner, progress
 from bnsurgery.harness.sequential import run_one_at_a_time
 from bnsurgery.harness.stability import StabilityReport
 
-SCHEMA = "bnsurgery.compare/1"
+SCHEMA = "bnsurgery.compare/2"
 
 
 @dataclass
@@ -266,53 +266,29 @@ def compare(
     candidate: Any = None,
     providers: Sequence[str] | str = ("cpu",),
     data: Any = None,
-    *,
-    labels_key: str | None = None,
-    atol: Any = None,
-    rtol: Any = None,
-    layerwise: bool = False,
-    tensor_map: Mapping[str, str | None] | None = None,
-    stability: bool = False,
-    allow_fallback: bool = False,
-    provider_options: Any = None,
-    ep_libraries: Any = None,
-    opt_level: str = "disable_all",
-    reference_opt_level: str = "disable_all",
-    cuda_tf32: bool = False,
-    cudnn_conv_algo_search: str = "EXHAUSTIVE",
-    device_id: int = 0,
-    intra_op_threads: int = 0,
-    inter_op_threads: int = 0,
-    batch_size: int | None = None,
-    shapes: Mapping[str, list[int]] | None = None,
-    seed: int = 0,
-    show_progress: bool | None = None,
+    **options: Any,
 ) -> CompareReport:
     """Compare `candidate` (and `reference` itself on the other providers) with `reference`
-    on the first provider. See docs/compare.md; `atol`/`rtol` take a number, or CLI-style
-    strings (`"1e-4"`, `"logits:1e-3"`). `provider_options`: {provider: {key: value}} or
-    `EP:KEY=VALUE` strings; `ep_libraries`: {name: path} or `NAME=PATH` strings of plugin EP
-    libraries to register. Raises BadInputError (exit 2) on bad input and EnvironmentProblem
+    on the first provider, each output judged by the rounding-noise rule
+    (docs/verification.md). Options are compare_models's (labels_key, atol, rtol, layerwise,
+    tensor_map, stability, allow_fallback, opt_level, ..., shapes, seed, show_progress); see
+    docs/compare.md; `atol`/`rtol` take a number, or CLI-style strings (`"1e-4"`,
+    `"logits:1e-3"`). The sessions run in a child process, so an ONNX Runtime crash is one line
+    (EngineCrashed, exit 2). Raises BadInputError (exit 2) on bad input and EnvironmentProblem
     (exit 3) when a provider is unavailable, or left nodes to another provider, without
-    `allow_fallback`."""
+    `allow_fallback`. `provider_options` ({provider: {key: value}} or `EP:KEY=VALUE` strings)
+    and `ep_libraries` ({name: path} or `NAME=PATH` strings of plugin EP libraries) are
+    options too."""
     from bnsurgery.harness.isolation import run_isolated
     from bnsurgery.io import load_model
 
     ref_model = load_model(reference)
     cand_model = load_model(candidate) if candidate is not None else None
     what = _label(reference) + (f" and {_label(candidate)}" if candidate is not None else "")
-    # The sessions run in a child process: an ONNX Runtime crash is one line and exit 2.
     return run_isolated(
         compare_models, ref_model, cand_model, what=what, reference_label=_label(reference),
         candidate_label=_label(candidate) if candidate is not None else None,
-        providers=providers, data=data, labels_key=labels_key, atol=atol, rtol=rtol,
-        layerwise=layerwise, tensor_map=tensor_map, stability=stability,
-        allow_fallback=allow_fallback, provider_options=provider_options,
-        ep_libraries=ep_libraries, opt_level=opt_level,
-        reference_opt_level=reference_opt_level, cuda_tf32=cuda_tf32,
-        cudnn_conv_algo_search=cudnn_conv_algo_search, device_id=device_id,
-        intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-        batch_size=batch_size, shapes=shapes, seed=seed, show_progress=show_progress,
+        providers=providers, data=data, **options,
     )  # fmt: skip
 
 

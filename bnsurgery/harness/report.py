@@ -397,6 +397,12 @@ def short_node_name(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
+def layer_tick_labels(lw: LayerwiseResult) -> list[str]:
+    """The layer plot's x labels: each tensor's producer node, shortened (op types alone would
+    read "BatchNormalization" three times)."""
+    return [short_node_name(layer.match.reference_node) for layer in lw.layers]
+
+
 def plot_outputs(report: CompareReport) -> str | None:
     from matplotlib.figure import Figure
 
@@ -447,11 +453,11 @@ def plot_layers(lw: LayerwiseResult, index: int) -> str | None:
     step = max(1, len(xs) // 30)
     ax.set_xticks(
         xs[::step],
-        [short_node_name(layer.match.reference_node) for layer in lw.layers][::step],
+        layer_tick_labels(lw)[::step],
         rotation=90,
         fontsize=7,
     )
-    ax.set_xlabel("tensor, in the reference's topological order (producer op)")
+    ax.set_xlabel("tensor, in the reference's topological order (producer node)")
     ax.set_ylabel("absolute error")
     ax.set_title(f"Error per layer: {lw.model} on {lw.provider}")
     ax.legend(fontsize=8)
