@@ -115,3 +115,28 @@ def test_no_note_when_the_outputs_fail_too(cli, tmp_path):
     onnx.save(broken, path)
     code, out, _ = cli("compare", CNN, path, "--layerwise")
     assert code == 1 and "first divergence at Conv" in out and "note:" not in out
+
+
+# -- weights left in their files until a session needs them -----------------------------------
+def test_the_noise_copy_of_a_lazily_loaded_model_is_the_same_as_of_the_loaded_one():
+    from bnsurgery.harness.compare import in_memory
+    from bnsurgery.harness.noise import rounding_noise_copy
+    from bnsurgery.io import is_lazy, load_model
+
+    path = SAMPLES / "resnet_small.onnx"
+    lazy = load_model(path, external_data="lazy")
+    assert is_lazy(lazy)  # its large weights are still in the file
+    noisy = in_memory(rounding_noise_copy(lazy, 3))
+    assert noisy.SerializeToString() == rounding_noise_copy(load_model(path), 3).SerializeToString()
+
+
+def test_compare_from_paths_judges_as_from_models_in_memory(tmp_path):
+    path = SAMPLES / "resnet_small.onnx"
+    folded = tmp_path / "folded.onnx"
+    onnx.save(bnsurgery.fold(str(path)).model, folded)
+    from_paths = bnsurgery.compare(path, folded, providers="cpu")
+    from_models = bnsurgery.compare(onnx.load(path), onnx.load(folded), providers="cpu")
+    for a, b in zip(from_paths.pairs, from_models.pairs, strict=True):
+        assert [m.to_dict() for m in a.outputs] == [m.to_dict() for m in b.outputs]
+    stability = bnsurgery.compare(path, folded, providers="cpu", stability=True)
+    assert stability.stability is not None and stability.passed

@@ -36,7 +36,7 @@ from bnsurgery.harness.providers import (
     resolve_alias,
 )
 from bnsurgery.harness.runner import Runner, progress
-from bnsurgery.harness.sequential import run_one_at_a_time
+from bnsurgery.harness.sequential import release_free_heap, run_one_at_a_time
 from bnsurgery.harness.stability import StabilityReport
 
 SCHEMA = "bnsurgery.compare/2"
@@ -282,8 +282,10 @@ def compare(
     from bnsurgery.harness.isolation import run_isolated
     from bnsurgery.io import load_model
 
-    ref_model = load_model(reference)
-    cand_model = load_model(candidate) if candidate is not None else None
+    # weights stay in their files until a session needs them (io's lazy loading): the models'
+    # structure is all the checks read, and the child would otherwise hold both in memory
+    ref_model = load_model(reference, external_data="lazy")
+    cand_model = load_model(candidate, external_data="lazy") if candidate is not None else None
     what = _label(reference) + (f" and {_label(candidate)}" if candidate is not None else "")
     return run_isolated(
         compare_models, ref_model, cand_model, what=what, reference_label=_label(reference),
@@ -405,7 +407,7 @@ def compare_models(
         layer_plans and tolerances.atol is None and tolerances.rtol is None
     )
     if noise_wanted and not sequential:
-        noise_model = rounding_noise_copy(ref_model, seed)
+        noise_model = rounding_noise_copy(in_memory(ref_model), seed)
     noise_runner = noise_layer_runner = None
     if noise_model is not None and pair_specs and not sequential:
         noise_runner = Runner(noise_model, ref_config, label="rounding noise")
@@ -433,11 +435,19 @@ def compare_models(
     seconds = [0.0] * len(runners)
     input_shapes: dict[str, list[int]] = {}
     if sequential:
-        make_noise = (lambda: Runner(rounding_noise_copy(ref_model, seed).SerializeToString(),
-                                     ref_config, label="rounding noise")  # type: ignore[arg-type]
-                      ) if noise_wanted else None  # fmt: skip
+
+        def make_noise() -> Runner:  # made when its turn comes: only its bytes outlive this
+            noisy = in_memory(rounding_noise_copy(ref_model, seed)).SerializeToString()
+            release_free_heap()  # the two full copies it took are garbage: give them back
+            return Runner(noisy, ref_config, label="rounding noise")  # type: ignore[arg-type]
+
         done = run_one_at_a_time(
-            source, ref_runner, make_noise, runners, accumulators, show_progress=show_progress
+            source,
+            ref_runner,
+            make_noise if noise_wanted else None,
+            runners,
+            accumulators,
+            show_progress=show_progress,
         )
         ref_info, infos, seconds = done.reference, done.pairs, done.seconds
         samples, batches, with_labels = done.samples, done.batches, done.with_labels
@@ -521,14 +531,21 @@ def compare_models(
     if stability:
         from bnsurgery.harness.stability import run_stability
 
-        models = [("reference", ref_model)]
+        models = [("reference", in_memory(ref_model))]
         if cand_model is not None:
-            models.append(("candidate", cand_model))
+            models.append(("candidate", in_memory(cand_model)))
         configs = [ref_config] + [config(a, opt_level) for a in aliases[1:]]
         report.stability = run_stability(
             models, source, configs, seed=seed, show_progress=show_progress
         )
     return report
+
+
+def in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every weight in memory (a copy, where some were left in their files)."""
+    from bnsurgery.io import is_lazy, materialize
+
+    return materialize(model) if is_lazy(model) else model
 
 
 def _output_dtype(model: onnx.ModelProto, name: str) -> Any:

@@ -375,7 +375,14 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         providers = [(wanted, info.provider_options)]
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
-    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(model, onnx.ModelProto):
+        from bnsurgery.io import is_lazy, materialize
+
+        # weights left in their files (io's lazy loading) are read now, into a copy that is
+        # gone once serialized
+        payload = (materialize(model) if is_lazy(model) else model).SerializeToString()
+    else:
+        payload = model
     if isinstance(payload, os.PathLike):
         payload = os.fspath(payload)
     session = _new_session(ort, payload, options, providers, wanted, info, config)

@@ -115,9 +115,15 @@ def _one_pass(
         _check_same_pass(expected - 1, seen)
     out = batch = stream = None  # no output of this session outlives it
     runner.deactivate()
-    gc.collect()
-    _release_free_heap()  # the session's pages back to the system before the next one
+    release_free_heap()  # the session's pages back to the system before the next one
     return spent
+
+
+def release_free_heap() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's
+    malloc_trim), so that memory one phase freed is not counted again in the next."""
+    gc.collect()
+    _release_free_heap()
 
 
 def _own(outputs: dict[str, Any], names: list[str]) -> dict[str, Any]:
