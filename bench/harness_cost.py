@@ -90,16 +90,17 @@ def folded_model() -> tuple[Path, Path]:
 def tools(reference: Path, folded: Path, loader: Path, batch: int, layerwise: bool,
           other: Path | None) -> dict[str, list[tuple[list[str], dict[str, str]]]]:  # fmt: skip
     """tool -> the commands it runs, one after another (argv, extra environment)."""
-    compare = [python(), "-m", "bnsurgery", "compare", str(reference), str(folded), "--data",
+    # -P: the working directory does not go ahead of PYTHONPATH, which picks the checkout
+    compare = [python(), "-P", "-m", "bnsurgery", "compare", str(reference), str(folded), "--data",
                str(loader), "--batch-size", str(batch), "--json", "-q"]  # fmt: skip
     if layerwise:
         compare.append("--layerwise")
-    poly = [python(), "-c", "import sys; from polygraphy.tools import main; sys.exit(main())",
+    poly = [python(), "-P", "-c", "import sys; from polygraphy.tools import main; sys.exit(main())",
             "run"]  # fmt: skip
     mark = ["--onnx-outputs", "mark", "all"] if layerwise else []
     saved = WORK / f"polygraphy-{loader.stem}{'-layers' if layerwise else ''}.json"
     table: dict[str, list[tuple[list[str], dict[str, str]]]] = {
-        "single": [([python(), "-c", SINGLE, str(reference), str(loader)], {})],
+        "single": [([python(), "-P", "-c", SINGLE, str(reference), str(loader)], {})],
         "bnsurgery": [(compare, {"PYTHONPATH": str(ROOT)})],
         "polygraphy": [
             ([*poly, str(reference), "--onnxrt", "--data-loader-script", str(loader), *mark,
