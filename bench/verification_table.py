@@ -3,7 +3,7 @@
 For every model of tests/deep_models.py's CORPUS (deep layouts built here with He-normal
 weights: ResNet-18/50, MobileNetV2, EfficientNet-B0, RegNetX, DenseNet-121, GoogLeNet,
 ShuffleNetV2, a mixed-scale detection head, fp16 and BN-15 stacks, an MLP) it measures, with the
-judge's defaults (random:8, seed 0, ORT CPU DISABLE_ALL):
+judge's defaults (random:4, seed 0, ORT CPU DISABLE_ALL):
 
   noise        max abs deviation of the noise run (the original, weights rounded once more)
   correct      the ratio of bnsurgery's correct fold (deviation / rounding noise)

@@ -42,11 +42,15 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout of bnsurgery")
     outputs.add_arguments(parser, "verify_cost", "nothing (its figures go in by hand)")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the runs below change the working directory
     src = c.cached_model(args.model)
     here = Path(__file__).resolve().parent.parent
     checkouts = {"": here, **({"base_": args.baseline.resolve()} if args.baseline else {})}
     walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run
+        # from an empty folder, or every run would import the checkout it was started from.
+        os.chdir(tmp)
         for _ in range(args.runs):
             for prefix, checkout in checkouts.items():
                 for verify in (False, True):

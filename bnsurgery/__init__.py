@@ -120,7 +120,7 @@ def compare(
     data, and judge each output; `report.passed` is False when any is beyond tolerance.
 
     data: a DATA spec (path, "random:N"), a {name: array} mapping, or an iterable of feed
-    dicts; None means random:8, seed 0. Options (labels_key, atol, rtol, layerwise,
+    dicts; None means random:4, seed 0. Options (labels_key, atol, rtol, layerwise,
     tensor_map, stability, allow_fallback, opt_level, cuda_tf32, ...) are those of
     bnsurgery.harness.compare.compare; see docs/compare.md.
     """

@@ -9,7 +9,9 @@ set, and moments computed on different machines combine exactly (DESIGN.md §5):
     mean = mean_a + delta * nb / n,  M2 = M2_a + M2_b + delta**2 * na * nb / n.
 
 `StatsSet` maps BN names to Moments and round-trips through an .npz file. It remembers each
-BN's channel count, so statistics measured on another model are refused (exit 2).
+BN's channel count, so statistics measured on another model are refused (exit 2). Statistics of
+source-relative adaptation carry a second set, `source` (the BN inputs on the source data), which
+is saved in the same file (keys prefixed `source_`) and merged alongside.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ class StatsSet:
     mode: str
     entries: dict[str, Moments] = field(default_factory=dict)
     samples: int = 0
+    source: StatsSet | None = None  # source-relative adaptation: the source data's moments
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -193,7 +196,12 @@ class StatsSet:
         if self.channels != other.channels:
             raise DataError(_describe_mismatch(self.channels, other.channels, "the other file"))
         entries = {name: self.entries[name].merge(other.entries[name]) for name in self.entries}
-        return StatsSet(self.mode, entries, self.samples + other.samples)
+        if (self.source is None) != (other.source is None):
+            raise DataError(
+                "cannot merge source-relative statistics (with source moments) with plain ones"
+            )
+        source = self.source.merge(other.source) if self.source and other.source else None
+        return StatsSet(self.mode, entries, self.samples + other.samples, source)
 
     def check_against(self, expected: Mapping[str, int]) -> None:
         """Refuse statistics of another model: the BN names and channel counts must match."""
@@ -204,18 +212,9 @@ class StatsSet:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write an .npz (atomically: a temporary file beside it, then a rename)."""
         target = Path(path)
-        names = list(self.entries)
-        arrays: dict[str, np.ndarray] = {
-            "format": np.array(FORMAT),
-            "mode": np.array(self.mode),
-            "samples": np.array(self.samples, dtype=np.int64),
-            "names": np.array(names, dtype=np.str_) if names else np.zeros(0, dtype="<U1"),
-            "channels": np.array([self.entries[n].channels for n in names], dtype=np.int64),
-            "counts": np.array([self.entries[n].count for n in names], dtype=np.int64),
-        }
-        for i, name in enumerate(names):
-            arrays[f"mean_{i}"] = self.entries[name].mean
-            arrays[f"m2_{i}"] = self.entries[name].m2
+        arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT), **self._arrays()}
+        if self.source is not None:
+            arrays.update({f"source_{k}": v for k, v in self.source._arrays().items()})
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
             raise BadInputError(f"{target}: output folder {folder} does not exist")
@@ -231,6 +230,20 @@ class StatsSet:
                 tmp.unlink()
         return target
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        names = list(self.entries)
+        arrays: dict[str, np.ndarray] = {
+            "mode": np.array(self.mode),
+            "samples": np.array(self.samples, dtype=np.int64),
+            "names": np.array(names, dtype=np.str_) if names else np.zeros(0, dtype="<U1"),
+            "channels": np.array([self.entries[n].channels for n in names], dtype=np.int64),
+            "counts": np.array([self.entries[n].count for n in names], dtype=np.int64),
+        }
+        for i, name in enumerate(names):
+            arrays[f"mean_{i}"] = self.entries[name].mean
+            arrays[f"m2_{i}"] = self.entries[name].m2
+        return arrays
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StatsSet:
         source = Path(path)
@@ -240,25 +253,33 @@ class StatsSet:
         try:
             if "format" not in data or str(data["format"]) != FORMAT:
                 raise DataError(f"{source}: not a bnsurgery statistics file ({FORMAT})")
-            names = [str(n) for n in data["names"]]
-            channels = data["channels"]
-            counts = data["counts"]
-            if channels.shape != (len(names),) or counts.shape != (len(names),):
-                raise DataError(f"{source}: names, channels and counts differ in length")
-            entries: dict[str, Moments] = {}
-            for i, name in enumerate(names):
-                mean, m2 = data[f"mean_{i}"], data[f"m2_{i}"]
-                if mean.shape != (int(channels[i]),) or m2.shape != mean.shape:
-                    raise DataError(f"{source}: entry {name!r} has inconsistent shapes")
-                _check_moments(source, name, mean, m2)
-                entries[name] = Moments(int(counts[i]), mean, m2)
-            return cls(str(data["mode"]), entries, int(data["samples"]))
+            loaded = cls._from_arrays(source, data, "")
+            if "source_names" in data:
+                loaded.source = cls._from_arrays(source, data, "source_")
+            return loaded
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{source}: unreadable statistics file ({exc})") from None
+
+    @classmethod
+    def _from_arrays(cls, source: Path, data: Mapping[str, Any], prefix: str) -> StatsSet:
+        names = [str(n) for n in data[f"{prefix}names"]]
+        channels = data[f"{prefix}channels"]
+        counts = data[f"{prefix}counts"]
+        if channels.shape != (len(names),) or counts.shape != (len(names),):
+            raise DataError(f"{source}: names, channels and counts differ in length")
+        entries: dict[str, Moments] = {}
+        for i, name in enumerate(names):
+            mean, m2 = data[f"{prefix}mean_{i}"], data[f"{prefix}m2_{i}"]
+            if mean.shape != (int(channels[i]),) or m2.shape != mean.shape:
+                raise DataError(f"{source}: entry {name!r} has inconsistent shapes")
+            _check_moments(source, name, mean, m2)
+            entries[name] = Moments(int(counts[i]), mean, m2)
+        return cls(str(data[f"{prefix}mode"]), entries, int(data[f"{prefix}samples"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "source_samples": self.source.samples if self.source is not None else None,
             "samples": self.samples,
             "bns": {
                 name: {"count": m.count, "channels": m.channels} for name, m in self.entries.items()
@@ -291,7 +312,15 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> StatsSet:
             raise DataError(f"{path}: {exc}") from None
     if len(sets) > 1:  # re-merge as a balanced tree for the smallest rounding error
         entries = {name: merge_all(s.entries[name] for s in sets) for name in merged.entries}
-        merged = StatsSet(merged.mode, entries, merged.samples)
+        source = merged.source
+        if source is not None:
+            parts = [s.source for s in sets if s.source is not None]
+            source = StatsSet(
+                source.mode,
+                {name: merge_all(p.entries[name] for p in parts) for name in source.entries},
+                source.samples,
+            )
+        merged = StatsSet(merged.mode, entries, merged.samples, source)
     return merged
 
 

@@ -270,7 +270,7 @@ def validate(
     """Validate a model (path, bytes, onnx.ModelProto or onnx_ir.Model); never raises for
     findings (see ValidationReport.raise_for_findings).
 
-    data: DATA for fold verification and provider parity (default random:8, seed 0).
+    data: DATA for fold verification and provider parity (default random:4, seed 0).
     providers: execution providers whose parity with the CPU reference is checked.
     skip / only: check names to leave out / to run exclusively (built-in or plugin).
     extra_checks: more check callables (`check(ctx) -> iterable of Finding`), run after the

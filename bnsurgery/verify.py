@@ -2,7 +2,7 @@
 
 This is the one judge behind `fold`'s verification, `validate`'s fold check and
 bnsurgery.testing: it runs `bnsurgery compare`'s own comparison (harness.compare.compare_models)
-with compare's defaults (random:8, seed 0, the same shapes for dynamic dimensions) and its rule
+with compare's defaults (random:4, seed 0, the same shapes for dynamic dimensions) and its rule
 (deviation within 8x the rounding noise of the original, harness.metrics; docs/verification.md).
 Both models run on ONNX Runtime CPU with graph optimizations off (ORT's own BN fusion would hide
 a wrong fold), in a child process, so an ONNX Runtime crash is one line and exit 2. Only where

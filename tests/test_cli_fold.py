@@ -129,8 +129,8 @@ def test_shape_option_sets_dynamic_dimensions(cli, write_model, tmp_path) -> Non
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     _, out, _ = cli("fold", write_model(model), "--shape", "x:3x4x7x7", "--json")
-    # --shape fixes every axis but the batch axis, which holds the judge's 8 samples
-    assert json.loads(out)["verification"]["input_shapes"]["x"] == [8, 4, 7, 7]
+    # --shape fixes every axis but the batch axis, which holds the judge's 4 samples
+    assert json.loads(out)["verification"]["input_shapes"]["x"] == [4, 4, 7, 7]
 
 
 def test_info_writes_nothing(cli, write_model, tmp_path) -> None:

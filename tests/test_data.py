@@ -112,11 +112,11 @@ def test_random_n_is_seeded_and_shaped_from_the_model():
     assert a.shape == (5, 3, 4, 4) and a.dtype == np.float32
 
 
-def test_no_data_means_random_8_seed_0_and_says_so():
+def test_no_data_means_the_judges_random_4_seed_0_and_says_so():
     source = load_data(None, single_input())
-    assert source.description == "random:8 (seed 0)" and source.synthetic
-    assert any("random:8" in note for note in source.notes)
-    assert sum(b.size for b in source) == 8
+    assert source.description == "random:4 (seed 0)" and source.synthetic
+    assert any("random:4" in note for note in source.notes)
+    assert sum(b.size for b in source) == 4
 
 
 def test_random_with_dynamic_dims_says_what_it_chose_and_takes_shape():

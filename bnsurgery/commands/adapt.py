@@ -15,12 +15,13 @@ from bnsurgery.cli import (
     output_option,
     parse_size,
     provider_option,
-    save_and_emit,
     shape_option,
 )
+from bnsurgery.commands.guarded import finish, guard_options
 from bnsurgery.commands.insert import render_insert
 from bnsurgery.commands.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
+from bnsurgery.errors import UsageError
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.reestimate import MIN_SAMPLES, MODES
 
@@ -54,7 +55,11 @@ def render_adapt(payload: dict[str, Any]) -> str:
 @click.command("adapt", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "target_data", required=True, help="DATA of the new distribution.")
-@click.option("--source", help="DATA of the training distribution (needed when MODEL has no BN).")
+@click.option(
+    "--source",
+    help="Clean DATA of your own: calibrates inserted BNs (MODEL without BN), or adapts "
+    "MODEL's BNs by the change from SOURCE to TARGET.",
+)
 @output_option("adapted")
 @click.option(
     "--fold/--no-fold",
@@ -75,6 +80,7 @@ def render_adapt(payload: dict[str, Any]) -> str:
 )
 @click.option("--nodes", help="Regex: nodes to insert after (no BN) or BNs to re-estimate.")
 @click.option("--memory-budget", default="2GB", show_default=True, help="Exact-mode cache size.")
+@guard_options
 @shape_option
 @provider_option
 @measure_opt_level_option
@@ -92,6 +98,9 @@ def adapt_command(
     after: str | None,
     nodes: str | None,
     memory_budget: str,
+    max_drop: float,
+    force: bool,
+    auto: bool,
     shapes: tuple[str, ...],
     provider: str,
     opt_level: str,
@@ -102,31 +111,68 @@ def adapt_command(
     A model without BN gets BNs inserted and calibrated on SOURCE first, and folded back
     afterwards (--fold), so the output has MODEL's nodes with new weights.
     """
+    from bnsurgery.adapt_auto import guarded
     from bnsurgery.passes.adapt import adapt
 
     out = resolve_output_path(model, output, "adapted")
     original = load_model(model)
+    shape_overrides = parse_shape_overrides(shapes)
+    has_bn = any(n.op_type == "BatchNormalization" for n in original.graph.node)
+    if auto and not has_bn:
+        raise UsageError("--auto chooses how to adapt a model's own BNs; MODEL has none")
+    if not has_bn and source is None:
+        raise UsageError(
+            "the model has no BatchNormalization: --source DATA is needed to calibrate "
+            "the BNs adapt inserts"
+        )
     with ProgressBar("adapting") as bar:
-        result = adapt(
+
+        def run(part: Any, src: Any, prior_: float | None, nodes_: str | None) -> Any:
+            return adapt(
+                original,
+                part,
+                source=src,
+                fold=fold,
+                mode=mode,
+                prior=prior_,
+                samples=None,
+                batch_size=batch_size,
+                after=after,
+                nodes=nodes_,
+                memory_budget=parse_size(memory_budget),
+                shapes=shape_overrides,
+                provider=provider,
+                opt_level=opt_level,
+                progress=bar,
+            )
+
+        outcome = guarded(
             original,
+            run,
             target_data,
             source=source,
-            fold=fold,
-            mode=mode,
             prior=prior,
+            nodes=nodes,
+            auto=auto,
+            max_drop=max_drop,
             samples=samples,
             batch_size=batch_size,
-            after=after,
-            nodes=nodes,
-            memory_budget=parse_size(memory_budget),
-            shapes=parse_shape_overrides(shapes),
-            provider=provider,
-            opt_level=opt_level,
-            progress=bar,
+            shapes=shape_overrides,
         )
-    payload = result.report.to_dict()
-    calibration = (payload["inserted"] or {}).get("calibration")
-    if calibration:  # SOURCE, when the model had no BN
-        data_notes(calibration["data"], calibration["data_notes"])
-    data_notes(payload["reestimate"]["data"], payload["reestimate"]["data_notes"])
-    save_and_emit(as_json, result.model, out, payload, lambda: render_adapt(payload))
+    result = outcome.result
+    payload: dict[str, Any] = result.report.to_dict() if result is not None else {}
+    if result is not None:
+        calibration = (payload["inserted"] or {}).get("calibration")
+        if calibration:  # SOURCE, when the model had no BN
+            data_notes(calibration["data"], calibration["data_notes"])
+        data_notes(payload["reestimate"]["data"], payload["reestimate"]["data_notes"])
+    report = result.report.reestimate if result is not None else None
+    finish(
+        as_json,
+        outcome,
+        report,
+        payload,
+        lambda: render_adapt(payload) if result is not None else "",
+        out,
+        force,
+    )

@@ -47,7 +47,7 @@ Example:
 @click.option(
     "--data",
     help="DATA: file.npz, file.npy, a folder of them, script.py with load_data(), or random:N "
-    "(default random:8, seed 0).",
+    "(default random:4, seed 0, as fold's verification).",
 )
 @click.option("--labels", "labels_key", help="Labels key in DATA (default: 'label' if present).")
 @shape_option

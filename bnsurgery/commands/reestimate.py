@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from bnsurgery.adapt_auto import guarded
 from bnsurgery.cli import (
     ProgressBar,
     batch_size_option,
@@ -19,9 +20,9 @@ from bnsurgery.cli import (
     output_option,
     parse_size,
     provider_option,
-    save_and_emit,
     shape_option,
 )
+from bnsurgery.commands.guarded import finish, guard_options
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
 from bnsurgery.harness.providers import OPT_LEVELS
@@ -33,6 +34,7 @@ from bnsurgery.passes.reestimate import (
     MIN_SAMPLES,
     MODES,
 )
+from bnsurgery.passes.source_relative import is_stats_file
 
 EXAMPLE = """\b
 Example:
@@ -84,6 +86,18 @@ def render_reestimate(payload: dict[str, Any]) -> str:
             f"({payload['forward_equivalents']} forward equivalents), "
             f"{payload['seconds']:.3f} s"
         )
+    relative = payload.get("source_relative")
+    if relative:
+        lines.append(
+            f"source-relative: the change from {relative['source']} "
+            f"({relative['source_samples']} samples) to DATA composed into the stored statistics"
+            + (
+                f"; {relative['clamped_channels']} channel(s) with a negative variance written "
+                "as var 0 with the scale compensated"
+                if relative["clamped_channels"]
+                else ""
+            )
+        )
     if payload.get("prior") is not None:
         lines.append(f"prior: {payload['prior']:g} (blended with the model's statistics)")
     for skipped in payload.get("skipped", []):
@@ -94,6 +108,11 @@ def render_reestimate(payload: dict[str, Any]) -> str:
 @click.command("reestimate", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", help="DATA to measure on: file.npz, file.npy, folder, script.py, random:N.")
+@click.option(
+    "--source",
+    help="Clean DATA of your own (or a statistics file with source moments): adapt by the "
+    "change from SOURCE to DATA instead of replacing the statistics.",
+)
 @click.option(
     "--stats",
     "stats_path",
@@ -133,6 +152,7 @@ def render_reestimate(payload: dict[str, Any]) -> str:
     type=click.Path(path_type=Path),
     help="Also write the measured statistics (.npz) for merge-stats.",
 )
+@guard_options
 @shape_option
 @provider_option
 @measure_opt_level_option
@@ -140,6 +160,7 @@ def render_reestimate(payload: dict[str, Any]) -> str:
 def reestimate_command(
     model: Path,
     data: str | None,
+    source: str | None,
     stats_path: Path | None,
     output: Path | None,
     in_place: bool,
@@ -150,6 +171,9 @@ def reestimate_command(
     nodes: str | None,
     memory_budget: str,
     save_stats: Path | None,
+    max_drop: float,
+    force: bool,
+    auto: bool,
     shapes: tuple[str, ...],
     provider: str,
     opt_level: str,
@@ -170,34 +194,63 @@ def reestimate_command(
     target = resolve_output_path(model, output, "reestimated", in_place=in_place)
     budget = parse_size(memory_budget) if memory_budget else DEFAULT_MEMORY_BUDGET
     original = load_model(model)
+    shape_overrides = parse_shape_overrides(shapes)
+    if auto and data is None:
+        raise UsageError("--auto needs --data (it measures candidates on a held-out part)")
     with ProgressBar("re-estimating") as bar:
-        result = ReestimatePass(
-            data,
-            mode=mode,
-            samples=samples,
-            batch_size=batch_size,
-            prior=prior,
-            nodes=nodes,
-            memory_budget=budget,
-            stats=stats_path,
-            shapes=parse_shape_overrides(shapes),
-            provider=provider,
-            opt_level=opt_level,
-            progress=bar,
-        )(original)
-    report = result.report
-    data_notes(report.data, report.data_notes)  # type: ignore[attr-defined]
-    if save_stats is not None:
-        report.stats.save(save_stats)  # type: ignore[attr-defined]
-    payload = report.to_dict()
-    save_and_emit(
+
+        def run(part: Any, src: Any, prior_: float | None, nodes_: str | None) -> Any:
+            return ReestimatePass(
+                part,
+                mode=mode,
+                samples=samples if part is None else None,
+                batch_size=batch_size,
+                prior=prior_,
+                nodes=nodes_,
+                memory_budget=budget,
+                stats=stats_path,
+                source=src,
+                shapes=shape_overrides,
+                provider=provider,
+                opt_level=opt_level,
+                progress=bar,
+            )(original)
+
+        if data is None:  # saved statistics: nothing to measure the models on
+            result, outcome = run(None, source, prior, nodes), None
+        else:
+            outcome = guarded(
+                original,
+                run,
+                data,
+                source=source,
+                source_is_data=source is not None and not is_stats_file(source),
+                prior=prior,
+                nodes=nodes,
+                auto=auto,
+                max_drop=max_drop,
+                samples=samples,
+                batch_size=batch_size,
+                shapes=shape_overrides,
+            )
+            result = outcome.result
+    report = result.report if result is not None else None
+    payload: dict[str, Any] = report.to_dict() if report is not None else {}
+    if report is not None:
+        data_notes(report.data, report.data_notes)  # type: ignore[attr-defined]
+        if save_stats is not None:
+            report.stats.save(save_stats)  # type: ignore[attr-defined]
+    finish(
         as_json,
-        result.model,
-        target,
+        outcome,
+        report,
         payload,
         lambda: (
-            render_reestimate(payload)
+            (render_reestimate(payload) if report is not None else "")
             + (f"\nsaved statistics to {save_stats}" if save_stats else "")
         ),
+        target,
+        force,
+        model=result.model if result is not None else None,
         saved_stats=str(save_stats) if save_stats is not None else None,
     )

@@ -60,7 +60,7 @@ def _check_ids_epilog() -> str:
 
 @click.command("validate", epilog=_check_ids_epilog())
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", help="DATA for fold verification and parity (default random:8, seed 0).")
+@click.option("--data", help="DATA for fold verification and parity (default random:4, seed 0).")
 @click.option(
     "--providers",
     default="cpu",

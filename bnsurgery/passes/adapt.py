@@ -1,9 +1,10 @@
 """The robustness workflow in one call: insert -> calibrate on SOURCE -> re-estimate on TARGET
 -> fold back.
 
-- A model that has BNs keeps them: their statistics already describe the source data, so
-  only the re-estimation on TARGET runs (SOURCE is not needed), and nothing is folded: the
-  output has the input's nodes.
+- A model that has BNs keeps them. With SOURCE, the change from SOURCE to TARGET is composed
+  into their stored statistics (source-relative adaptation, bnsurgery.passes.source_relative);
+  without it, plain re-estimation on TARGET replaces them. Nothing is folded: the output has
+  the input's nodes.
 - A model without BN (folded by its exporter) gets identity BNs after its Conv /
   ConvTranspose / Gemm / MatMul nodes, calibrated on SOURCE (DESIGN.md §5), re-estimated on
   TARGET, and, with `fold=True` (the default), folded back into the weights with
@@ -91,6 +92,7 @@ def adapt(
     notes: list[str] = []
     work = model
     reestimate_nodes = nodes
+    relative_to = None  # source-relative re-estimation of a model's own BNs
     if report.bns_before == 0:
         if source is None:
             raise UsageError(
@@ -118,8 +120,12 @@ def adapt(
         work = inserted.model
         reestimate_nodes = "^(" + "|".join(_escape(n) for n in names) + ")$"
     else:
-        if source is not None:
-            notes.append("the model has BNs: their statistics are the source's; --source unused")
+        relative_to = source
+        if source is None:
+            notes.append(
+                "plain re-estimation: the stored statistics are replaced by TARGET's; give "
+                "--source with clean data of your own to adapt relative to it"
+            )
         if fold:
             notes.append("the model's own BNs are kept (only BNs adapt inserts are folded)")
     result = ReestimatePass(
@@ -129,6 +135,7 @@ def adapt(
         batch_size=batch_size,
         prior=prior,
         nodes=reestimate_nodes,
+        source=relative_to,
         memory_budget=memory_budget,
         shapes=shapes,
         provider=provider,

@@ -1359,6 +1359,7 @@ class ReestimateReport:
     stats_file: str | None = None
     session: dict[str, Any] | None = None
     stats: StatsSet | None = None  # the measured moments (for --save-stats), not in to_dict
+    extras: dict[str, Any] = field(default_factory=dict)  # sections other modules add
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1377,6 +1378,7 @@ class ReestimateReport:
             "session": self.session,
             "bns": [b.to_dict() for b in self.bns],
             "skipped": list(self.skipped),
+            **self.extras,
         }
 
 
@@ -1404,6 +1406,7 @@ class ReestimatePass:
         nodes: str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         stats: StatsSet | str | None = None,
+        source: Any = None,
         shapes: Mapping[str, list[int]] | None = None,
         provider: str = "cpu",
         opt_level: str = MEASURE_OPT_LEVEL,
@@ -1426,7 +1429,10 @@ class ReestimatePass:
         self.data, self.mode, self.samples, self.batch_size = data, mode, samples, batch_size
         self.prior, self.nodes, self.memory_budget = prior, nodes, memory_budget
         self.stats, self.shapes, self.progress = stats, shapes, progress
+        self.source = source  # DATA, a StatsSet or a statistics file: source-relative
         self.runner = Runner(provider, opt_level, threads, shared_arena)
+        self._source: StatsSet | None = None  # the source moments, once known
+        self._written: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
@@ -1434,42 +1440,55 @@ class ReestimatePass:
         work.CopyFrom(model)
         targets, skipped = find_batchnorms(work, self.nodes)
         writer = ParamWriter(work)
-        for target in targets:
-            writer.privatise(target, (3, 4))
+        for target in targets:  # source-relative may rescale a clamped channel (scale, slot 1)
+            writer.privatise(target, (3, 4) if self.source is None else (1, 3, 4))
         report = ReestimateReport(
             self.mode, prior=self.prior, memory_budget=self.memory_budget, skipped=skipped
         )
-        old = {t.key: (t.params.mean.copy(), t.params.var.copy()) for t in targets}
+        self._source, self._written = None, {}
         if self.stats is not None:
             measured = self._apply_saved(targets, writer, report)
         else:
             measured = self._measure(work, targets, writer, report)
-        report.stats = StatsSet(report.mode, measured, report.samples)
+        report.stats = StatsSet(report.mode, measured, report.samples, self._source)
         writer.finish()
         for t in targets:
-            m = measured[t.key]
-            new_mean, new_var = blend(*old[t.key], m, self.prior, report.samples)
-            report.bns.append(
-                BnChange(
-                    t.key,
-                    t.channels,
-                    t.wave,
-                    m.count,
-                    old[t.key][0],
-                    new_mean,
-                    old[t.key][1],
-                    new_var,
-                )
+            new_mean, new_var, _ = self._written[t.key]
+            old_mean, old_var = t.params.mean, t.params.var
+            count = measured[t.key].count
+            change = BnChange(
+                t.key, t.channels, t.wave, count, old_mean, new_mean, old_var, new_var
             )
+            report.bns.append(change)
+        if self._source is not None:
+            from bnsurgery.passes.source_relative import source_summary
+
+            clamped = {k: v[2] for k, v in self._written.items()}
+            description = report.extras.pop("source_description", None)
+            report.extras["source_relative"] = source_summary(self._source, description, clamped)
         report.waves = max((t.wave for t in targets), default=0)
         report.session = self.runner.session_info
         report.seconds = time.perf_counter() - start
         return PassResult(work, report)
 
     def _write(self, writer: ParamWriter, target: BnTarget, moments: Moments, samples: int) -> None:
-        mean, var = blend(target.params.mean, target.params.var, moments, self.prior, samples)
+        clamped = 0
+        if self._source is None:
+            mean, var = blend(target.params.mean, target.params.var, moments, self.prior, samples)
+        else:
+            from bnsurgery.passes.source_relative import compose
+
+            p = target.params
+            source = self._source.entries[target.key]
+            new = compose(
+                p.mean, p.var, p.scale, target.view.epsilon, source, moments, self.prior, samples
+            )
+            mean, var, clamped = new.mean, new.var, new.clamped
+            if new.scale is not None:
+                writer.write(target, 1, new.scale)
         writer.write(target, 3, mean)
         writer.write(target, 4, var)
+        self._written[target.key] = (mean, var, clamped)
 
     def _apply_saved(self, targets, writer, report) -> dict[str, Moments]:
         saved = self.stats if isinstance(self.stats, StatsSet) else StatsSet.load(self.stats)
@@ -1483,6 +1502,7 @@ class ReestimatePass:
         subset.check_against(expected)
         if saved.mode != self.mode and saved.mode in MODES:
             report.mode = saved.mode
+        self._load_source(report.mode, expected, saved.source)
         report.samples = saved.samples
         label = report.stats_file or "the statistics"
         for t in targets:
@@ -1507,6 +1527,9 @@ class ReestimatePass:
         report.data = feeds.description
         report.data_notes = feeds.notes
         report.batch_size = getattr(feeds.source, "batch_size", None)
+        self._load_source(self.mode, {t.key: t.channels for t in targets}, None, work, targets)
+        if self._source is not None:
+            report.extras["source_description"] = self._source_description
         progress = self.progress
         if self.mode == "batch":
             measured = measure_batch_mode(
@@ -1535,6 +1558,14 @@ class ReestimatePass:
         report.samples = feeds.seen_samples
         report.batches = report.run.batches
         return measured
+
+    def _load_source(self, mode, expected, saved, work=None, targets=None) -> None:
+        """The source moments of source-relative adaptation (bnsurgery.passes.source_relative)."""
+        from bnsurgery.passes.source_relative import resolve_source
+
+        self._source, self._source_description = resolve_source(
+            self, mode, expected, saved, work, targets
+        )
 
 
 def check_samples(samples: int) -> None:

@@ -1,0 +1,259 @@
+"""Evidence that an adaptation helps: the drift warning, the labelled guard and label-free signals.
+
+- **Drift warning** (`drift`, `warn_plain`): plain re-estimation replaces stored statistics
+  that describe the model's training data. It is flagged as likely to hurt when either
+  (a) the new means of the deep BNs (the later half in graph order) move by more than one
+  stored standard deviation on at least `FAR_SHARE` of their channels: the user's data is far
+  from the training data; or (b) the re-estimated model is less sure of the target than the
+  original: its mean prediction entropy there rises by more than `ENTROPY_RISE` (relative).
+  AdaBN that helps makes a model surer of the shifted data; one that mixes a domain gap into
+  the statistics typically makes it less sure. One warning line, suggesting `--source`.
+- **Guard** (`split_labelled`, `evaluate`): when DATA carries labels, a held-out part of it
+  (`HOLDOUT` of the samples, a fixed-seed draw) is kept out of the adaptation and the original
+  and adapted models' accuracies are measured on it; an adaptation that lowers accuracy by
+  more than `max_drop` points is refused unless forced.
+- **Label-free signals**: the mean prediction entropy of the original and adapted models on the
+  target, and their agreement (same top class) on the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+FAR_MOVE = 1.0  # stored standard deviations a channel's mean moves to count as "far"
+FAR_SHARE = 0.10  # of the deep BNs' channels, past which plain re-estimation is flagged
+ENTROPY_RISE = 0.10  # relative rise of the target's mean prediction entropy that flags harm
+HOLDOUT = 0.25  # share of labelled DATA held out to measure accuracy
+DEFAULT_MAX_DROP = 0.5  # accuracy points
+SPLIT_SEED = 0
+
+
+def drift(bns: Iterable[Any], epsilon: float = 1e-5) -> dict[str, Any]:
+    """How far the measured means moved from the stored ones, in stored standard deviations,
+    on the deep BNs (the later half in graph order); `warn` applies the stated rule."""
+    changes = list(bns)
+    deep = changes[len(changes) // 2 :]
+    far = channels = 0
+    largest, largest_bn = 0.0, None
+    for b in deep:
+        move = np.abs(b.new_mean - b.old_mean) / np.sqrt(np.maximum(b.old_var, 0.0) + epsilon)
+        far += int((move > FAR_MOVE).sum())
+        channels += int(move.size)
+        if move.size and float(move.max()) > largest:
+            largest, largest_bn = float(move.max()), b.name
+    share = far / channels if channels else 0.0
+    return {
+        "rule": f"mean moves > {FAR_MOVE:g} stored std on >= {FAR_SHARE:.0%} of the channels of "
+        "the later half of the BNs",
+        "deep_bns": len(deep),
+        "deep_channels": channels,
+        "far_channels": far,
+        "far_share": round(share, 4),
+        "largest_move": round(largest, 3),
+        "largest_move_bn": largest_bn,
+        "warn": bool(channels and share >= FAR_SHARE),
+    }
+
+
+def entropy_rise(before: float | None, after: float | None) -> float | None:
+    """The relative rise of the mean prediction entropy (None when not measured)."""
+    if before is None or after is None:
+        return None
+    return (after - before) / max(before, 1e-6)
+
+
+def drift_warning(figure: Mapping[str, Any]) -> str:
+    rise = figure.get("entropy_rise")
+    why = (
+        f"made the model less sure of the target (entropy +{rise:.0%})"
+        if rise is not None and rise > ENTROPY_RISE
+        else "moved the statistics far"
+    )
+    return (
+        f"warning: plain re-estimation {why}; {figure['far_channels']} of "
+        f"{figure['deep_channels']} deep BN channels moved by more than {FAR_MOVE:g} stored std "
+        f"(largest {figure['largest_move']:.3g} std, {figure['largest_move_bn']}): this is likely "
+        "to hurt; adapt relative to your own clean data with --source CLEAN"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data in memory
+
+
+@dataclass
+class Arrays:
+    """Samples in memory: feeds per input, and the labels when DATA has them."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    description: str = "<data>"
+    notes: list[str] = field(default_factory=list)  # what reading DATA noted
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+    def take(self, index: np.ndarray) -> Arrays:
+        labels = None if self.labels is None else self.labels[index]
+        feeds = {k: v[index] for k, v in self.feeds.items()}
+        return Arrays(feeds, labels, self.description, list(self.notes))
+
+
+def read_all(
+    data: Any,
+    model: onnx.ModelProto,
+    *,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+) -> Arrays:
+    """DATA read into memory (at most `samples`), with its labels when every batch has them."""
+    from bnsurgery.data import load_data
+
+    if isinstance(data, Arrays):
+        return data
+    source = load_data(data, model, batch_size=batch_size, shapes=shapes)
+    feeds: dict[str, list[np.ndarray]] = {}
+    labels: list[np.ndarray] = []
+    seen = 0
+    for batch in source.batches():
+        n = batch.size if samples is None else min(batch.size, samples - seen)
+        if n <= 0:
+            break
+        for name, value in batch.feeds.items():
+            feeds.setdefault(name, []).append(np.asarray(value)[:n])
+        if batch.labels is not None:
+            labels.append(np.asarray(batch.labels)[:n])
+        seen += n
+    joined = {k: np.concatenate(v) for k, v in feeds.items()}
+    has_labels = source.has_labels or (labels and sum(len(x) for x in labels) == seen)
+    return Arrays(
+        joined,
+        np.concatenate(labels) if has_labels else None,
+        source.description,
+        list(source.notes),
+    )
+
+
+def split(data: Arrays, holdout: float = HOLDOUT) -> tuple[Arrays, Arrays]:
+    """(adaptation part, held-out part): a fixed-seed draw of `holdout` of the samples."""
+    n = data.size
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    held = max(1, round(n * holdout))
+    return data.take(np.sort(order[held:])), data.take(np.sort(order[:held]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring models
+
+
+def predictions(model: onnx.ModelProto, data: Arrays, batch: int = 256) -> np.ndarray:
+    """The first output of `model` on DATA as (samples, classes) probabilities."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    parts = []
+    for start in range(0, data.size, batch):
+        feed = {n: data.feeds[n][start : start + batch] for n in names}
+        parts.append(np.asarray(session.run([session.get_outputs()[0].name], feed)[0]))
+    out = np.concatenate(parts).astype(np.float64)
+    out = out.reshape(out.shape[0], -1)
+    sums = out.sum(axis=1)
+    if (out >= 0).all() and np.allclose(sums, 1.0, atol=1e-3):
+        return out  # already probabilities (a Softmax at the end)
+    shifted = np.exp(out - out.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(axis=1) == labels.reshape(-1)).mean() * 100.0)
+
+
+def entropy(probs: np.ndarray) -> float:
+    """Mean prediction entropy in nats."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum(axis=1).mean())
+
+
+@dataclass
+class Evidence:
+    """The before/after numbers of one adaptation."""
+
+    held_out: int = 0
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    entropy_before: float | None = None
+    entropy_after: float | None = None
+    source_agreement: float | None = None
+    source_accuracy_before: float | None = None
+    source_accuracy_after: float | None = None
+    max_drop: float = DEFAULT_MAX_DROP
+    refused: bool = False
+    forced: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        r["notes"] = list(self.notes)
+        return r
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.accuracy_before is not None:
+            out.append(
+                f"accuracy on {self.held_out} held-out labelled samples: "
+                f"{self.accuracy_before:.2f} % -> {self.accuracy_after:.2f} %"
+            )
+        if self.entropy_before is not None:
+            out.append(
+                f"mean prediction entropy on the target: {self.entropy_before:.4f} -> "
+                f"{self.entropy_after:.4f} nats"
+            )
+        if self.source_accuracy_before is not None:
+            out.append(
+                f"accuracy on the source: {self.source_accuracy_before:.2f} % -> "
+                f"{self.source_accuracy_after:.2f} %"
+            )
+        if self.source_agreement is not None:
+            out.append(f"original and adapted agree on {self.source_agreement:.2f} % of the source")
+        return out + [f"note: {n}" for n in self.notes]
+
+
+def evaluate(
+    original: onnx.ModelProto,
+    adapted: onnx.ModelProto,
+    held_out: Arrays | None,
+    target: Arrays | None,
+    source: Arrays | None,
+    max_drop: float = DEFAULT_MAX_DROP,
+) -> Evidence:
+    """Accuracy on the labelled held-out part (and the refusal rule), else entropy on the
+    target; agreement (and accuracy, with labels) on the source."""
+    evidence = Evidence(max_drop=max_drop)
+    if held_out is not None and held_out.labels is not None:
+        evidence.held_out = held_out.size
+        evidence.accuracy_before = accuracy(predictions(original, held_out), held_out.labels)
+        evidence.accuracy_after = accuracy(predictions(adapted, held_out), held_out.labels)
+        evidence.refused = evidence.accuracy_after < evidence.accuracy_before - max_drop
+    if target is not None:
+        evidence.entropy_before = entropy(predictions(original, target))
+        evidence.entropy_after = entropy(predictions(adapted, target))
+    if source is not None:
+        before, after = predictions(original, source), predictions(adapted, source)
+        same = before.argmax(axis=1) == after.argmax(axis=1)
+        evidence.source_agreement = float(same.mean() * 100.0)
+        if source.labels is not None:
+            evidence.source_accuracy_before = accuracy(before, source.labels)
+            evidence.source_accuracy_after = accuracy(after, source.labels)
+    return evidence

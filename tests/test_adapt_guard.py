@@ -1,0 +1,163 @@
+"""The evidence around an adaptation: the drift warning, the labelled guard, --auto.
+
+The model: two features -> BN (stored statistics mean 0, var 1) -> identity Gemm; the class is
+the larger raw feature. On data whose feature 0 sits at +2 (the model's training domain), the
+stored statistics are right and plain re-estimation, which re-centres feature 0, is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+from conftest import sha256
+from onnx import TensorProto, helper, numpy_helper
+
+from bnsurgery.adapt_guard import FAR_SHARE, drift
+
+
+def _model() -> onnx.ModelProto:
+    def t(name, value):
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h"], name="bn"),
+        helper.make_node("Gemm", ["h", "w", "c"], ["logits"], name="head"),
+    ]
+    inits = [t("s", [1, 1]), t("b", [0, 0]), t("m", [0, 0]), t("v", [1, 1])]
+    inits += [t("w", np.eye(2)), t("c", [0, 0])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def _data(seed: int, n: int = 400, offset: float = 2.0) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).normal(0, 1, (n, 2))
+    x[:, 0] += offset
+    return {"x": x.astype(np.float32), "label": x.argmax(axis=1).astype(np.int64)}
+
+
+def test_the_drift_rule_counts_deep_channels_moved_by_more_than_one_stored_std() -> None:
+    def change(name, move, channels=10):
+        old = np.zeros(channels)
+        new = np.r_[np.full(move, 3.0), np.zeros(channels - move)]
+        return SimpleNamespace(name=name, old_mean=old, new_mean=new, old_var=np.ones(channels))
+
+    far = round(10 * FAR_SHARE)
+    quiet = drift([change("early", 10), change("deep", far - 1)])
+    assert quiet["deep_bns"] == 1 and quiet["far_channels"] == far - 1 and not quiet["warn"]
+    loud = drift([change("early", 0), change("deep", far)])
+    assert loud["warn"] and loud["largest_move_bn"] == "deep"
+    assert loud["largest_move"] == 3.0
+
+
+def test_plain_reestimation_that_lowers_accuracy_is_refused_and_nothing_is_written(
+    cli, tmp_path
+) -> None:
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "t.npz", **_data(0))
+    digest = sha256(model)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli("reestimate", model, "--data", tmp_path / "t.npz", "-o", out, "--json")
+    assert code == 1
+    assert "was not written" in err and "held-out accuracy" in err
+    assert not out.exists() and sha256(model) == digest
+    payload = json.loads(stdout)
+    ev = payload["evidence"]
+    assert ev["refused"] and ev["accuracy_after"] < ev["accuracy_before"] - 0.5
+    assert ev["held_out"] == 100  # a quarter of the 400 samples
+    assert payload["drift"]["warn"] and "warning: plain re-estimation" in err
+    assert payload["drift"]["far_channels"] == 1 and payload["drift"]["entropy_rise"] > 0.1
+    assert "--source" in err
+    # --force writes it anyway, and says so
+    code, stdout, err = cli(
+        "reestimate", model, "--data", tmp_path / "t.npz", "-o", out, "--json", "--force"
+    )
+    assert code == 0 and out.is_file() and json.loads(stdout)["evidence"]["forced"]
+
+
+def test_a_helpful_adaptation_passes_the_guard(cli, tmp_path) -> None:
+    """Source-relative: SOURCE from the training domain, TARGET shifted by +3 on feature 1."""
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    source = _data(1)
+    target = _data(2)
+    target["x"][:, 1] += 3.0  # the shift; labels stay those of the unshifted features
+    np.savez(tmp_path / "s.npz", x=source["x"])
+    np.savez(tmp_path / "t.npz", **target)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(
+        "adapt",
+        model,
+        "--target",
+        tmp_path / "t.npz",
+        "--source",
+        tmp_path / "s.npz",
+        "-o",
+        out,
+        "--json",
+    )
+    assert code == 0, err
+    ev = json.loads(stdout)["evidence"]
+    assert ev["accuracy_after"] > ev["accuracy_before"] + 10 and not ev["refused"]
+    assert json.loads(stdout)["drift"]["warn"] is False  # no warning for source-relative
+
+
+def test_without_labels_the_summary_reports_entropy_and_source_agreement(cli, tmp_path) -> None:
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "t.npz", x=_data(0)["x"])
+    np.savez(tmp_path / "s.npz", x=_data(1)["x"])
+    code, stdout, err = cli(
+        "reestimate", model, "--data", tmp_path / "t.npz", "--source", tmp_path / "s.npz"
+    )
+    assert code == 0, err
+    assert "mean prediction entropy on the target" in stdout
+    assert "agree on" in stdout and "of the source" in stdout
+
+
+def test_auto_picks_a_candidate_on_held_out_labels_and_says_why(cli, tmp_path) -> None:
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    target = _data(2)
+    target["x"][:, 1] += 3.0
+    np.savez(tmp_path / "t.npz", **target)
+    np.savez(tmp_path / "s.npz", x=_data(1)["x"])
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(
+        "reestimate",
+        model,
+        "--data",
+        tmp_path / "t.npz",
+        "--source",
+        tmp_path / "s.npz",
+        "--auto",
+        "-o",
+        out,
+        "--json",
+    )
+    assert code == 0, err
+    auto = json.loads(stdout)["auto"]
+    assert auto["chosen"].startswith("source-relative")
+    assert "held-out accuracy" in auto["reason"]
+    assert {t["candidate"] for t in auto["tried"]} >= {"none", "plain", "source-relative"}
+    assert out.is_file()
+
+
+def test_auto_writes_nothing_when_no_candidate_beats_the_original(cli, tmp_path) -> None:
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    np.savez(tmp_path / "t.npz", **_data(0))
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli("reestimate", model, "--data", tmp_path / "t.npz", "--auto", "-o", out)
+    assert code == 1 and not out.exists()
+    assert "no adaptation better than the original" in err
+    assert "auto: chose none" in stdout
