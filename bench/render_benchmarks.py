@@ -203,12 +203,37 @@ def reestimate_anchor(payload: dict) -> list[str]:
     return lines[:-1]
 
 
+def harness_cost(data: dict) -> list[str]:
+    """bnsurgery compare against Polygraphy, and against one session (bench/harness_cost.py)."""
+    rows = []
+    for row in data["scenarios"]:
+        tools = row["tools"]
+        floor = tools.get("single", {}).get("peak_rss_mib")
+        poly = tools["polygraphy"]
+        for name in ("single", "bnsurgery", "today", "polygraphy"):
+            if name not in tools:
+                continue
+            t = tools[name]
+            rows.append([
+                row["scenario"], name, _s(t["wall_s"], 1), f"{t['peak_rss_mib']:.0f}",
+                _x(t["peak_rss_mib"] / floor) if floor else "-",
+                _x(poly["wall_s"] / t["wall_s"]) if name != "polygraphy" else "-",
+            ])  # fmt: skip
+        if row.get("polygraphy_json_mib") is not None:
+            rows.append([row["scenario"], "polygraphy's JSON", "-",
+                         f"{row['polygraphy_json_mib']:.0f} (file)", "-", "-"])  # fmt: skip
+    header = ["scenario", "tool", "wall s", "peak MiB", "peak / one session",
+              "Polygraphy's time / this"]  # fmt: skip
+    return _table(header, rows)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "fold_speed": ("fold_speed.json", fold_speed),
     "fold_targets": ("fold_speed.json", fold_targets),
     "large_model": ("large_model.json", large_model),
     "inference_latency": ("inference_latency.json", inference_latency),
     "reestimate_anchor": ("reestimate_anchor.json", reestimate_anchor),
+    "harness_cost": ("harness_cost.json", harness_cost),
 }
 
 

@@ -70,6 +70,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bnsurgery.commands.run", "run_command",
         "Run the passes PIPELINE (a TOML file) declares on MODEL and write the result.",
     ),
+    "providers": (
+        "bnsurgery.commands.providers", "providers_command",
+        "List the ONNX Runtime installed (and warn when two flavours collide), its execution "
+        "providers, plugin EP libraries and their devices.",
+    ),
     "plugins": (
         "bnsurgery.commands.plugins", "plugins_command",
         "List passes (entry points `bnsurgery.passes`) and validate checks "

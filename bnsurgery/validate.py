@@ -263,6 +263,9 @@ def validate(
     extra_checks: Sequence[Callable[[ValidationContext], Iterable[Finding]]] = (),
     parity_opt_level: str = "all",
     only: Sequence[str] | None = None,
+    provider_options: Mapping[str, Any] | Sequence[str] | None = None,
+    ep_libraries: Mapping[str, str] | Sequence[str] | None = None,
+    allow_fallback: bool = False,
 ) -> ValidationReport:
     """Validate a model (path, bytes, onnx.ModelProto or onnx_ir.Model); never raises for
     findings (see ValidationReport.raise_for_findings).
@@ -273,19 +276,24 @@ def validate(
     extra_checks: more check callables (`check(ctx) -> iterable of Finding`), run after the
     built-ins, named by their __name__.
     parity_opt_level: the graph optimisation level providers run at (`all` = ORT's default).
+    provider_options: {provider: {key: value}} or `EP:KEY=VALUE` strings; ep_libraries:
+    {name: path} or `NAME=PATH` strings of plugin EP libraries to register; allow_fallback:
+    run parity even where a provider is missing or leaves nodes to another (said loudly).
     """
     from bnsurgery.checks.context import ValidationContext
-    from bnsurgery.harness.providers import OPT_LEVELS, parse_providers
+    from bnsurgery.harness.providers import OPT_LEVELS, parse_provider_options, parse_providers
     from bnsurgery.io import load_model
 
     start = time.perf_counter()
     fail_on = _fail_on(fail_on)
-    aliases = parse_providers(providers)
+    aliases = parse_providers(providers, ep_libraries)
+    options_by_provider = parse_provider_options(provider_options)
     if parity_opt_level not in OPT_LEVELS:
         raise BadInputError(
             f"unknown optimisation level '{parity_opt_level}' (known: {', '.join(OPT_LEVELS)})"
         )
-    _require_providers(aliases)
+    if not allow_fallback:
+        _require_providers(aliases)
     proto = load_model(model, check=False)
 
     crashes: list[Finding] = []
@@ -311,6 +319,8 @@ def validate(
     ctx = ValidationContext(
         proto, label=_label(model), data=data, providers=aliases, shapes=shapes, seed=seed,
         batch_size=batch_size, parity_opt_level=parity_opt_level,
+        provider_options=options_by_provider, ep_libraries=ep_libraries,
+        allow_fallback=allow_fallback,
     )  # fmt: skip
     report = ValidationReport(model=_label(model), fail_on=fail_on, providers=aliases)
     report.findings.extend(f for f in crashes if f.check not in skipped)
@@ -380,11 +390,16 @@ class ValidatePass:
         seed: int = 0,
         plugins: bool = True,
         parity_opt_level: str = "all",
+        provider_options: Mapping[str, Any] | Sequence[str] | None = None,
+        ep_libraries: Mapping[str, str] | Sequence[str] | None = None,
+        allow_fallback: bool = False,
     ) -> None:
         _fail_on(fail_on)
         self.options = dict(
             data=data, providers=providers, fail_on=fail_on, skip=tuple(skip), shapes=shapes,
             seed=seed, plugins=plugins, parity_opt_level=parity_opt_level,
+            provider_options=provider_options, ep_libraries=ep_libraries,
+            allow_fallback=allow_fallback,
         )  # fmt: skip
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:

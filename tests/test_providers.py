@@ -112,7 +112,7 @@ def test_a_provider_that_does_not_load_is_caught_after_session_creation(monkeypa
 
     real = ort.InferenceSession
 
-    def session(payload, sess_options=None, providers=None):
+    def session(payload, sess_options=None, providers=None, **kwargs):
         return real(payload, sess_options=sess_options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(ort, "InferenceSession", session)

@@ -79,8 +79,14 @@ class ValidationContext:
         seed: int = 0,
         batch_size: int | None = None,
         parity_opt_level: str = "all",
+        provider_options: Mapping[str, Mapping[str, str]] | None = None,
+        ep_libraries: Any = None,
+        allow_fallback: bool = False,
     ) -> None:
         self.model = model
+        self.provider_options = {k: dict(v) for k, v in (provider_options or {}).items()}
+        self.ep_libraries = ep_libraries
+        self.allow_fallback = allow_fallback
         self.label = label
         self.data = data
         self.providers = list(providers)
@@ -204,9 +210,17 @@ class ValidationContext:
         from bnsurgery.harness.compare import compare
 
         try:
+            from bnsurgery.harness.providers import alias_of
+
+            wanted = set(providers)
+            provider_options = {
+                k: v for k, v in self.provider_options.items() if alias_of(k) in wanted
+            }
             return compare(
                 self.model, candidate, providers=providers, data=self.data_source(),
-                shapes=self.shapes, seed=self.seed, show_progress=None, **options,
+                shapes=self.shapes, seed=self.seed, show_progress=None,
+                provider_options=provider_options, ep_libraries=self.ep_libraries,
+                allow_fallback=self.allow_fallback, **options,
             )  # fmt: skip
         except Exception as exc:
             if not is_onnxruntime_error(exc):

@@ -50,10 +50,15 @@ def provider_parity(ctx: ValidationContext) -> Iterator[Finding]:
         "data": report.data,
         "comparisons": [
             {"provider": pair.provider, "passed": pair.passed,
+             "placement": (pair.session.placement.to_dict()
+                           if pair.session.placement else None),
+             "fallback": pair.session.fallback,
              "outputs": [m.to_dict() for m in pair.outputs]}
             for pair in report.pairs if pair.provider in requested
         ],
     }  # fmt: skip
+    for note in report.fallbacks:  # allowed (allow_fallback), but never silent
+        ctx.notes.append(f"provider-parity: WARNING: {note}")
     for pair in report.pairs:
         if pair.provider not in requested:
             continue  # cpu at the deployment level, when only other providers were asked

@@ -26,8 +26,23 @@ Example:
     "--providers",
     default="cpu",
     show_default=True,
-    help="Comma-separated: cpu, cuda, tensorrt, openvino, dml, coreml. The reference runs on "
-    "the first.",
+    help="Comma-separated execution providers: cpu, cuda, tensorrt, openvino, dml, coreml, any "
+    "name `bnsurgery providers` lists, or a plugin EP's. The reference runs on the first.",
+)
+@click.option(
+    "--ep-library",
+    "ep_libraries",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Register a plugin execution provider library (repeatable); then --providers NAME.",
+)
+@click.option(
+    "--provider-option",
+    "provider_options",
+    multiple=True,
+    metavar="EP:KEY=VALUE",
+    help="An option of one provider (repeatable), e.g. openvino:precision=FP32, "
+    "ggml:weights=f32, cuda:use_tf32=1.",
 )
 @click.option(
     "--data",
@@ -67,7 +82,8 @@ Example:
 @click.option(
     "--allow-fallback",
     is_flag=True,
-    help="Run on CPU when a requested provider is unavailable (stated loudly) instead of exit 3.",
+    help="Run anyway when a requested provider is unavailable or leaves nodes to another "
+    "provider (stated loudly, the op types named) instead of exit 3.",
 )
 @click.option(
     "--opt-level",
@@ -110,6 +126,8 @@ def compare_command(
     reference: Path,
     candidate: Path | None,
     providers: str,
+    ep_libraries: tuple[str, ...],
+    provider_options: tuple[str, ...],
     data: str | None,
     labels_key: str | None,
     shapes: tuple[str, ...],
@@ -138,8 +156,8 @@ def compare_command(
     deviation at most 8x the reference's rounding noise (--atol/--rtol: allclose instead).
     Columns: top-1 is the share of samples with the same argmax; "top-5 set" the share whose
     five highest classes are the same set, in any order. Exit 1 when any output is beyond the
-    limit, 3 when a requested provider is unavailable (unless --allow-fallback). See
-    docs/compare.md and docs/verification.md.
+    limit, 3 when a requested provider is unavailable or any node ran elsewhere (unless
+    --allow-fallback). See docs/compare.md, docs/verification.md and docs/providers.md.
     """
     from bnsurgery.harness.compare import compare
     from bnsurgery.harness.matching import load_tensor_map
@@ -161,6 +179,8 @@ def compare_command(
         tensor_map=tensor_map,
         stability=stability,
         allow_fallback=allow_fallback,
+        provider_options=list(provider_options),
+        ep_libraries=list(ep_libraries),
         opt_level=opt_level,
         reference_opt_level=reference_opt_level,
         cuda_tf32=cuda_tf32,

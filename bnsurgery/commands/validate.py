@@ -68,6 +68,26 @@ def _check_ids_epilog() -> str:
     help="Execution providers whose parity with the CPU reference is checked, e.g. cpu,cuda.",
 )
 @click.option(
+    "--ep-library",
+    "ep_libraries",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Register a plugin execution provider library (repeatable).",
+)
+@click.option(
+    "--provider-option",
+    "provider_options",
+    multiple=True,
+    metavar="EP:KEY=VALUE",
+    help="An option of one provider (repeatable), e.g. openvino:precision=FP32.",
+)
+@click.option(
+    "--allow-fallback",
+    is_flag=True,
+    help="Check parity even where a provider is unavailable or leaves nodes to another "
+    "(stated loudly) instead of exit 3.",
+)
+@click.option(
     "--fail-on",
     type=click.Choice(FAIL_ON),
     default="error",
@@ -93,6 +113,9 @@ def validate_command(
     model: Path,
     data: str | None,
     providers: str,
+    ep_libraries: tuple[str, ...],
+    provider_options: tuple[str, ...],
+    allow_fallback: bool,
     fail_on: str,
     skip: tuple[str, ...],
     shapes: tuple[str, ...],
@@ -119,6 +142,9 @@ def validate_command(
         shapes=parse_shape_overrides(shapes),
         seed=seed,
         plugins=not no_plugins,
+        provider_options=list(provider_options),
+        ep_libraries=list(ep_libraries),
+        allow_fallback=allow_fallback,
     )
     state = ctx.find_root().obj
     verbose = isinstance(state, State) and state.verbose > 0

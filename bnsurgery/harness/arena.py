@@ -30,8 +30,9 @@ _users = 0
 def register() -> None:
     """Register the shared CPU arena with ORT's environment, once per process."""
     global _registered
-    import onnxruntime as ort
+    from bnsurgery.harness.runtime import onnxruntime
 
+    ort = onnxruntime()
     with _lock:
         if _registered:
             return

@@ -14,6 +14,7 @@ Data streams: one batch is held at a time, and metrics accumulate across batches
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,16 @@ from bnsurgery.errors import BadInputError
 from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
 from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
 from bnsurgery.harness.noise import rounding_noise_copy
-from bnsurgery.harness.providers import ProviderConfig, SessionInfo, parse_providers
+from bnsurgery.harness.providers import (
+    ProviderConfig,
+    SessionInfo,
+    alias_of,
+    parse_provider_options,
+    parse_providers,
+    resolve_alias,
+)
 from bnsurgery.harness.runner import Runner, progress
+from bnsurgery.harness.sequential import release_free_heap, run_one_at_a_time
 from bnsurgery.harness.stability import StabilityReport
 
 SCHEMA = "bnsurgery.compare/2"
@@ -41,6 +50,7 @@ class PairResult:
     provider: str  # the alias asked for
     session: SessionInfo
     outputs: list[ErrorMetrics]
+    seconds: float = 0.0  # time in session.run over every batch
 
     @property
     def passed(self) -> bool:
@@ -56,6 +66,7 @@ class PairResult:
             "provider": self.provider,
             "passed": self.passed,
             "session": self.session.to_dict(),
+            "inference_seconds": self.seconds,
             "outputs": [m.to_dict() for m in self.outputs],
         }
 
@@ -176,10 +187,17 @@ class CompareReport:
             "tolerances": self.tolerances.to_dict(),
             "fallbacks": self.fallbacks,
             "comparisons": [p.to_dict() for p in self.pairs],
-            "layerwise": [lw.to_dict() for lw in self.layerwise] if self.layerwise else None,
+            "layerwise": [self._layerwise_dict(lw) for lw in self.layerwise]
+            if self.layerwise
+            else None,
             "stability": self.stability.to_dict() if self.stability else None,
             "notes": list(self.notes),
         }
+
+    def _layerwise_dict(self, lw: LayerwiseResult) -> dict[str, Any]:
+        from bnsurgery.harness.report import divergence_caveat
+
+        return {**lw.to_dict(), "note": divergence_caveat(self, lw)}
 
     def render_text(self) -> str:
         from bnsurgery.harness.report import render_text
@@ -257,12 +275,17 @@ def compare(
     docs/compare.md; `atol`/`rtol` take a number, or CLI-style strings (`"1e-4"`,
     `"logits:1e-3"`). The sessions run in a child process, so an ONNX Runtime crash is one line
     (EngineCrashed, exit 2). Raises BadInputError (exit 2) on bad input and EnvironmentProblem
-    (exit 3) when a provider is unavailable without `allow_fallback`."""
+    (exit 3) when a provider is unavailable, or left nodes to another provider, without
+    `allow_fallback`. `provider_options` ({provider: {key: value}} or `EP:KEY=VALUE` strings)
+    and `ep_libraries` ({name: path} or `NAME=PATH` strings of plugin EP libraries) are
+    options too."""
     from bnsurgery.harness.isolation import run_isolated
     from bnsurgery.io import load_model
 
-    ref_model = load_model(reference)
-    cand_model = load_model(candidate) if candidate is not None else None
+    # weights stay in their files until a session needs them (io's lazy loading): the models'
+    # structure is all the checks read, and the child would otherwise hold both in memory
+    ref_model = load_model(reference, external_data="lazy")
+    cand_model = load_model(candidate, external_data="lazy") if candidate is not None else None
     what = _label(reference) + (f" and {_label(candidate)}" if candidate is not None else "")
     return run_isolated(
         compare_models, ref_model, cand_model, what=what, reference_label=_label(reference),
@@ -286,6 +309,8 @@ def compare_models(
     tensor_map: Mapping[str, str | None] | None = None,
     stability: bool = False,
     allow_fallback: bool = False,
+    provider_options: Any = None,
+    ep_libraries: Any = None,
     opt_level: str = "disable_all",
     reference_opt_level: str = "disable_all",
     cuda_tf32: bool = False,
@@ -301,7 +326,14 @@ def compare_models(
     """compare() on models already loaded and checked (what fold's verification runs)."""
     from bnsurgery.data import load_data
 
-    aliases = parse_providers(providers)
+    aliases = parse_providers(providers, ep_libraries)
+    options_by_provider = parse_provider_options(provider_options)
+    unused = [n for n in options_by_provider if alias_of(n) not in aliases]
+    if unused:
+        raise BadInputError(
+            f"provider options for {', '.join(alias_of(n) for n in unused)}, which is not "
+            f"among the providers ({', '.join(aliases)})"
+        )
     if cand_model is not None:
         check_interfaces(ref_model, cand_model)
     output_names = [o.name for o in ref_model.graph.output]
@@ -318,6 +350,7 @@ def compare_models(
             device_id=device_id,
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
+            options=dict(options_by_provider.get(resolve_alias(alias), {})),
         )
         cfg.validate()
         return cfg
@@ -341,9 +374,13 @@ def compare_models(
         data, ref_model, batch_size=batch_size, labels_key=labels_key, shapes=shapes, seed=seed
     )
     ref_runner = Runner(ref_model, ref_config, label="reference")
-    ref_info = ref_runner.activate()
     runners = [Runner(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs]
-    infos = [r.activate() for r in runners]
+    # Outputs alone: one session at a time (harness.sequential). Layer-wise: side by side,
+    # since every intermediate tensor of the reference would have to be kept otherwise.
+    sequential = bool(pair_specs) and not layerwise
+    if not sequential:
+        ref_info = ref_runner.activate()
+        infos = [r.activate() for r in runners]
 
     # layer-wise: which tensors to return from each model
     layer_plans: list[tuple[list[TensorMatch], list[TensorMatch], Runner]] = []
@@ -366,12 +403,13 @@ def compare_models(
     # The default rule measures the rounding noise of the reference: the reference with its
     # weights rounded once more, run on the same provider and batches (harness.noise).
     noise_model = None
-    if any(not tolerances.explicit_for(n) for n in output_names) or (
+    noise_wanted = any(not tolerances.explicit_for(n) for n in output_names) or bool(
         layer_plans and tolerances.atol is None and tolerances.rtol is None
-    ):
-        noise_model = rounding_noise_copy(ref_model, seed)
+    )
+    if noise_wanted and not sequential:
+        noise_model = rounding_noise_copy(in_memory(ref_model), seed)
     noise_runner = noise_layer_runner = None
-    if noise_model is not None and pair_specs:
+    if noise_model is not None and pair_specs and not sequential:
         noise_runner = Runner(noise_model, ref_config, label="rounding noise")
         noise_runner.activate()
         if ref_layer_runner is not None:
@@ -394,8 +432,27 @@ def compare_models(
 
     samples = batches = 0
     with_labels = 0
+    seconds = [0.0] * len(runners)
     input_shapes: dict[str, list[int]] = {}
-    if pair_specs:
+    if sequential:
+
+        def make_noise() -> Runner:  # made when its turn comes: only its bytes outlive this
+            noisy = in_memory(rounding_noise_copy(ref_model, seed)).SerializeToString()
+            release_free_heap()  # the two full copies it took are garbage: give them back
+            return Runner(noisy, ref_config, label="rounding noise")  # type: ignore[arg-type]
+
+        done = run_one_at_a_time(
+            source,
+            ref_runner,
+            make_noise if noise_wanted else None,
+            runners,
+            accumulators,
+            show_progress=show_progress,
+        )
+        ref_info, infos, seconds = done.reference, done.pairs, done.seconds
+        samples, batches, with_labels = done.samples, done.batches, done.with_labels
+        input_shapes = done.input_shapes
+    elif pair_specs:
         with progress(
             source.batches(),
             length=source.num_batches,
@@ -407,8 +464,10 @@ def compare_models(
                     input_shapes = {k: list(np.shape(v)) for k, v in batch.feeds.items()}
                 ref_out = ref_runner.infer(batch.feeds)
                 noise_out = noise_runner.infer(batch.feeds) if noise_runner else {}
-                for runner, accs in zip(runners, accumulators, strict=True):
+                for index, (runner, accs) in enumerate(zip(runners, accumulators, strict=True)):
+                    started = time.perf_counter()
                     out = runner.infer(batch.feeds)
+                    seconds[index] += time.perf_counter() - started
                     for name, acc in accs.items():
                         acc.update(ref_out[name], out[name], batch.labels, noise_out.get(name))
                 if ref_layer_runner is not None:
@@ -455,8 +514,11 @@ def compare_models(
         tolerances=tolerances,
         notes=list(source.notes),
     )
-    for (role, _, cfg), info, accs in zip(pair_specs, infos, accumulators, strict=True):
-        report.pairs.append(PairResult(role, cfg.alias, info, [a.result() for a in accs.values()]))
+    for (role, _, cfg), info, accs, spent in zip(
+        pair_specs, infos, accumulators, seconds, strict=True
+    ):
+        outputs = [a.result() for a in accs.values()]
+        report.pairs.append(PairResult(role, cfg.alias, info, outputs, spent))
     for (role, _, cfg), (matched, unmatched, _), accs in zip(
         pair_specs if layer_plans else [], layer_plans, layer_accumulators, strict=True
     ):
@@ -469,14 +531,21 @@ def compare_models(
     if stability:
         from bnsurgery.harness.stability import run_stability
 
-        models = [("reference", ref_model)]
+        models = [("reference", in_memory(ref_model))]
         if cand_model is not None:
-            models.append(("candidate", cand_model))
+            models.append(("candidate", in_memory(cand_model)))
         configs = [ref_config] + [config(a, opt_level) for a in aliases[1:]]
         report.stability = run_stability(
             models, source, configs, seed=seed, show_progress=show_progress
         )
     return report
+
+
+def in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every weight in memory (a copy, where some were left in their files)."""
+    from bnsurgery.io import is_lazy, materialize
+
+    return materialize(model) if is_lazy(model) else model
 
 
 def _output_dtype(model: onnx.ModelProto, name: str) -> Any:

@@ -84,9 +84,16 @@ def _value_only_names(model: onnx.ModelProto) -> set[str]:
 def _perturbed(tensor: onnx.TensorProto, rng: np.random.Generator) -> onnx.TensorProto | None:
     if tensor.data_type not in _FLOAT_TYPES and tensor.data_type != onnx.TensorProto.BFLOAT16:
         return None
-    if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+    from bnsurgery.io import lazy_source, tensor_to_array
+
+    lazy = lazy_source(tensor) is not None  # left in its file by io's lazy loading: read it
+    if (
+        not lazy
+        and tensor.HasField("data_location")
+        and (tensor.data_location == onnx.TensorProto.EXTERNAL)
+    ):
         return None  # callers hand in materialised models; an external one is left exact
-    values = numpy_helper.to_array(tensor)
+    values = tensor_to_array(tensor)
     if values.size == 0:
         return None
     u = _unit_roundoff(tensor.data_type)

@@ -8,13 +8,19 @@ fallback is recorded in the SessionInfo for the report.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
-from bnsurgery.errors import BadInputError, EnvironmentProblem
+from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line, is_onnxruntime_error
+from bnsurgery.harness.placement import Placement
+
+CPU_EP = "CPUExecutionProvider"
 
 ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -33,22 +39,57 @@ OPT_LEVELS = {
 }
 
 
+def alias_of(name: str) -> str:
+    """The short name of a provider: `cuda` for CUDAExecutionProvider, `xnnpack` for
+    XnnpackExecutionProvider; a plugin EP's name (`ggml`) is its own short name."""
+    for alias, full in ALIASES.items():
+        if full == name:
+            return alias
+    return name.removesuffix("ExecutionProvider").lower() or name
+
+
+def known_providers() -> list[str]:
+    """Every provider name this process can ask for: ONNX Runtime's built-in EPs (available
+    in this build or not) and the EPs of registered plugin libraries."""
+    from bnsurgery.harness.runtime import onnxruntime, plugin_ep_names
+
+    ort = onnxruntime()
+    names = list(dict.fromkeys([*ort.get_all_providers(), *ort.get_available_providers()]))
+    return names + [n for n in plugin_ep_names() if n not in names]
+
+
 def resolve_alias(alias: str) -> str:
-    """The ORT provider name of an alias (or of a full provider name)."""
-    key = alias.strip().lower()
-    if key in ALIASES:
-        return ALIASES[key]
-    if alias in ALIASES.values():
-        return alias
-    known = ", ".join(ALIASES)
-    raise BadInputError(f"unknown execution provider '{alias}' (known: {known})")
+    """The ONNX Runtime provider name of an alias, a full name, or a plugin EP's name
+    (case-insensitive). An installed plugin package whose EP has that name is registered on
+    the way. Unknown: bad input (exit 2) listing what is known."""
+    from bnsurgery.harness.runtime import register_package_for, registered_libraries
+
+    key = alias.strip()
+    if key.lower() in ALIASES:
+        return ALIASES[key.lower()]
+    for _ in range(2):  # the second time after registering an installed plugin package
+        names = known_providers()
+        for name in names:
+            if key.lower() in (name.lower(), alias_of(name)):
+                return name
+        for library in registered_libraries():  # a registration name stands for its EP
+            if key.lower() == library.name.lower() and len(library.ep_names) == 1:
+                return library.ep_names[0]
+        if register_package_for(key) is None:
+            break
+    known = ", ".join(dict.fromkeys([*ALIASES, *(alias_of(n) for n in names)]))
+    raise BadInputError(
+        f"unknown execution provider '{alias}' (known: {known}; a plugin EP library is "
+        "registered with --ep-library NAME=PATH)"
+    )
 
 
 INSTALL_HINTS = {
-    "CUDAExecutionProvider": "install onnxruntime-gpu (pip install 'bnsurgery[gpu]') on a "
-    "machine with an NVIDIA GPU, CUDA and cuDNN",
+    "CUDAExecutionProvider": "install onnxruntime-gpu (pip install 'bnsurgery[gpu]', without "
+    "the CPU onnxruntime) on a machine with an NVIDIA GPU, CUDA and cuDNN",
     "TensorrtExecutionProvider": "install onnxruntime-gpu built with TensorRT, and TensorRT",
-    "OpenVINOExecutionProvider": "install onnxruntime-openvino",
+    "OpenVINOExecutionProvider": "install onnxruntime-openvino (pip install "
+    "'bnsurgery[openvino]', without the CPU onnxruntime)",
     "DmlExecutionProvider": "install onnxruntime-directml (Windows)",
     "CoreMLExecutionProvider": "use the onnxruntime wheel for macOS",
 }
@@ -57,11 +98,16 @@ CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 EXECUTION_ORDERS = {"default": "DEFAULT", "priority_based": "PRIORITY_BASED"}
 
 
-def parse_providers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """`cpu,cuda` (or a sequence) -> validated, lower-case aliases in the given order.
+def parse_providers(spec: str | list[str] | tuple[str, ...], ep_libraries: Any = None) -> list[str]:
+    """`cpu,cuda` (or a sequence) -> validated short names in the given order, after
+    registering the plugin EP libraries `ep_libraries` (`NAME=PATH` strings or a mapping).
 
-    An unknown alias or a repeated provider is bad input (exit 2).
+    An unknown provider or a repeated one is bad input (exit 2).
     """
+    from bnsurgery.harness.runtime import parse_library_specs, register_library
+
+    for name, path in parse_library_specs(ep_libraries).items():
+        register_library(name, path)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     aliases: list[str] = []
     seen: dict[str, str] = {}
@@ -70,20 +116,53 @@ def parse_providers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
         if not item:
             continue
         name = resolve_alias(item)
-        alias = next((a for a, n in ALIASES.items() if n == name), item)
         if name in seen:
             raise BadInputError(f"execution provider '{item}' is given twice")
-        seen[name] = alias
-        aliases.append(alias)
+        seen[name] = alias_of(name)
+        aliases.append(alias_of(name))
     if not aliases:
         raise BadInputError("no execution provider given (for example --providers cpu,cuda)")
     return aliases
 
 
-def available_providers() -> list[str]:
-    import onnxruntime as ort
+def parse_provider_options(specs: Any) -> dict[str, dict[str, str]]:
+    """`EP:KEY=VALUE` strings (or {ep: {key: value}}) -> {provider name: {key: value}}.
+    Malformed or for an unknown provider: bad input (exit 2)."""
+    if not specs:
+        return {}
+    pairs: list[tuple[str, str, str]] = []
+    if isinstance(specs, dict):
+        for ep, options in specs.items():
+            if not isinstance(options, dict):
+                raise BadInputError(f"provider options for '{ep}' must be a table of KEY = VALUE")
+            pairs += [(str(ep), str(k), _option_text(v)) for k, v in options.items()]
+    else:
+        for spec in specs:
+            text = str(spec)
+            ep, sep, rest = text.partition(":")
+            key, eq, value = rest.partition("=")
+            if not (sep and eq and ep.strip() and key.strip()):
+                raise BadInputError(
+                    f"--provider-option '{text}': expected EP:KEY=VALUE "
+                    "(e.g. openvino:precision=FP32, ggml:weights=f32)"
+                )
+            pairs.append((ep, key, value))
+    options: dict[str, dict[str, str]] = {}
+    for ep, key, value in pairs:
+        options.setdefault(resolve_alias(ep), {})[key.strip()] = value.strip()
+    return options
 
-    return list(ort.get_available_providers())
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def available_providers() -> list[str]:
+    from bnsurgery.harness.runtime import onnxruntime
+
+    return list(onnxruntime().get_available_providers())
 
 
 def availability() -> dict[str, bool]:
@@ -110,9 +189,11 @@ class ProviderConfig:
     # ORT's memory pattern plans one block for a whole run after the first; the first run's
     # chunks stay in the arena beside it, so the activations are held twice
     memory_pattern: bool = True
+    # the provider's own options (--provider-option EP:KEY=VALUE); they override the defaults
+    options: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise BadInputError on an unknown alias, level or CUDA option value."""
+        """Raise BadInputError on an unknown provider, level or CUDA option value."""
         resolve_alias(self.alias)
         if self.opt_level not in OPT_LEVELS:
             raise BadInputError(
@@ -133,21 +214,25 @@ class ProviderConfig:
             raise BadInputError("device id and thread counts must be >= 0")
 
     def provider_options(self) -> dict[str, str]:
+        """The options the provider is created with: the harness's defaults (CUDA: TF32 off,
+        EXHAUSTIVE conv search), then the user's own."""
         name = resolve_alias(self.alias)
+        defaults: dict[str, str] = {}
         if name == "CUDAExecutionProvider":
-            return {
+            defaults = {
                 "device_id": str(self.device_id),
                 "use_tf32": "1" if self.cuda_tf32 else "0",
                 "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
             }
-        if name == "TensorrtExecutionProvider":
-            return {"device_id": str(self.device_id)}
-        return {}
+        elif name == "TensorrtExecutionProvider":
+            defaults = {"device_id": str(self.device_id)}
+        return {**defaults, **self.options}
 
 
 @dataclass
 class SessionInfo:
-    """What actually ran: requested vs active providers, options, level and threads."""
+    """What actually ran: requested vs active providers, options, level, threads, and where
+    every node ran (placement)."""
 
     requested: str
     active: list[str]
@@ -162,17 +247,32 @@ class SessionInfo:
     effective_options: dict[str, dict[str, str]] = field(default_factory=dict)
     onnxruntime_version: str = ""
     shared_cpu_arena: bool = False
+    placement: Placement | None = None
+    plugin_library: str | None = None
 
     @property
     def ran_on(self) -> str:
-        """The provider that actually ran the graph (the first active one)."""
+        """The provider that ran the graph: the requested one when it took any node (and
+        was loaded), else the first active one."""
+        if self.placement is not None and self.placement.kind == "full":
+            return self.placement.elsewhere[0][2]
+        if self.requested in self.active:
+            return self.requested
         return self.active[0] if self.active else "none"
 
+    @property
+    def partial(self) -> bool:
+        return self.placement is not None and self.placement.kind == "partial"
+
     def describe(self) -> str:
-        """`cuda -> CPUExecutionProvider (FALLBACK)` or `cpu (CPUExecutionProvider)`."""
+        """`cuda -> CPUExecutionProvider (FALLBACK)`, `openvino (OpenVINOExecutionProvider,
+        PARTIAL FALLBACK)` or `cpu (CPUExecutionProvider)`."""
+        name = self.alias or self.requested
+        if self.partial:
+            return f"{name} ({self.ran_on}, PARTIAL FALLBACK)"
         if self.fallback:
-            return f"{self.alias or self.requested} -> {self.ran_on} (FALLBACK)"
-        return f"{self.alias or self.requested} ({self.ran_on})"
+            return f"{name} -> {self.ran_on} (FALLBACK)"
+        return f"{name} ({self.ran_on})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +281,8 @@ class SessionInfo:
             "active": self.active,
             "ran_on": self.ran_on,
             "fallback": self.fallback,
+            "placement": self.placement.to_dict() if self.placement else None,
+            "plugin_library": self.plugin_library,
             "provider_options": self.provider_options,
             "effective_provider_options": self.effective_options,
             "graph_optimization_level": self.opt_level,
@@ -194,8 +296,9 @@ class SessionInfo:
 
 
 def session_options(config: ProviderConfig):  # -> ort.SessionOptions
-    import onnxruntime as ort
+    from bnsurgery.harness.runtime import onnxruntime
 
+    ort = onnxruntime()
     if config.opt_level not in OPT_LEVELS:
         raise BadInputError(
             f"unknown graph optimization level '{config.opt_level}' "
@@ -223,11 +326,15 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
                    config: ProviderConfig | None = None):  # fmt: skip
     """An InferenceSession on the configured provider, with its placement verified.
 
-    Returns (session, SessionInfo). Raises EnvironmentProblem when the provider is not
-    available or did not load, unless config.allow_fallback.
+    Returns (session, SessionInfo). Raises EnvironmentProblem (exit 3) when the provider is
+    not available, did not load, or left any node of the model to another provider (partial
+    fallback) or took none (full fallback), unless config.allow_fallback, in which case the
+    fallback is recorded in SessionInfo.notes and `fallback`.
     """
-    import onnxruntime as ort
+    from bnsurgery.harness import placement as P
+    from bnsurgery.harness.runtime import ep_devices, onnxruntime, registered_libraries
 
+    ort = onnxruntime()
     config = config or ProviderConfig()
     config.validate()
     wanted = resolve_alias(config.alias)
@@ -239,15 +346,27 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         intra_op_threads=config.intra_op_threads,
         inter_op_threads=config.inter_op_threads,
         execution_order=EXECUTION_ORDERS.get(config.execution_order, config.execution_order),
-        alias=config.alias,
+        alias=alias_of(wanted),
         onnxruntime_version=ort.__version__,
         shared_cpu_arena=config.shared_cpu_arena,
     )
+    options = session_options(config)
+    recording = P.enable_recording(options)
     available = available_providers()
-    providers: list[Any] = []
-    if wanted not in available:
+    providers: list[Any] | None = []
+    attach: Any = None
+    library = next((lib for lib in registered_libraries() if wanted in lib.ep_names), None)
+    if library is not None:  # a plugin EP: attach its devices (the documented way)
+        devices = ep_devices(wanted)
+        if not devices:
+            raise EnvironmentProblem(f"{library.name}: registered, but it reported no device here")
+        options.add_provider_for_devices(devices, info.provider_options)
+        attach = lambda o: o.add_provider_for_devices(devices, info.provider_options)  # noqa: E731
+        info.plugin_library = library.path
+        providers = None
+    elif wanted not in available:
         reason = (
-            f"execution provider {wanted} ({config.alias}) is not available in this "
+            f"execution provider {wanted} ({info.alias}) is not available in this "
             f"onnxruntime build (available: {', '.join(available)})"
         )
         if wanted in INSTALL_HINTS:
@@ -255,16 +374,26 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         if not config.allow_fallback:
             raise EnvironmentProblem(reason)
         info.notes.append(f"FALLBACK: {reason}; running on CPUExecutionProvider")
+        providers = ["CPUExecutionProvider"]
     else:
-        providers.append((wanted, info.provider_options))
-    if wanted != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        providers = [(wanted, info.provider_options)]
+        if wanted != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")
+    if isinstance(model, onnx.ModelProto):
+        from bnsurgery.io import is_lazy, materialize
+
+        # weights left in their files (io's lazy loading) are read now, into a copy that is
+        # gone once serialized
+        payload = (materialize(model) if is_lazy(model) else model).SerializeToString()
+    else:
+        payload = model
     if isinstance(payload, os.PathLike):
         payload = os.fspath(payload)
-    session = ort.InferenceSession(
-        payload, sess_options=session_options(config), providers=providers or None
-    )
+    session = _new_session(ort, payload, options, providers, wanted, info, config)
+    # ORT's Python session keeps the serialized model it was made from, only to make itself
+    # again on its own CPU retry (turned off here): as large as the weights, for nothing
+    if isinstance(getattr(session, "_model_bytes", None), bytes):
+        session._model_bytes = None
     info.active = list(session.get_providers())
     try:
         info.effective_options = {
@@ -273,14 +402,77 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         }
     except Exception:  # older builds: the requested options are all we know
         info.effective_options = {}
-    if wanted not in info.active:
+    if recording and not info.notes:
+        info.placement = P.read(session, wanted)
+        if not info.placement.recorded and wanted != CPU_EP:  # ORT < 1.24: its verbose log
+            logged = session_options(config)
+            logged.log_severity_level = 0
+            if attach is not None:
+                attach(logged)
+            with P.captured_stderr() as log:
+                ort.InferenceSession(payload, sess_options=logged, providers=providers)
+                text = log()
+            info.placement = P.from_log(text, wanted, _model_nodes(model))
+    if wanted not in info.active and not info.notes:
         reason = f"execution provider {wanted} did not load (active: {', '.join(info.active)}); " \
             "check the CUDA/cuDNN libraries and the onnxruntime-gpu install"  # fmt: skip
         if not config.allow_fallback:
             raise EnvironmentProblem(reason)
-        if not info.notes:
-            info.notes.append(f"FALLBACK: {reason}")
-        info.fallback = True
-    elif info.notes:
-        info.fallback = True
+        info.notes.append(f"FALLBACK: {reason}")
+    problem = info.placement.problem() if info.placement is not None else None
+    if problem is not None:
+        kind = "PARTIAL FALLBACK" if info.placement.kind == "partial" else "FALLBACK"  # type: ignore[union-attr]
+        if not config.allow_fallback:
+            raise EnvironmentProblem(
+                f"{problem}; --allow-fallback runs it anyway (and says so)"
+            )  # fmt: skip
+        info.notes.append(f"{kind}: {problem}")
+    info.fallback = bool(info.notes)
     return session, info
+
+
+def _new_session(ort: Any, payload: Any, options: Any, providers: list[Any] | None,
+                 wanted: str, info: SessionInfo, config: ProviderConfig) -> Any:  # fmt: skip
+    """InferenceSession without ONNX Runtime's own silent retry on CPU (it prints `EP Error`
+    on stdout and carries on). When the provider cannot be created but the CPU provider runs
+    the model, the provider is at fault: exit 3, or the CPU session with a FALLBACK note."""
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet):  # ORT builds without enable_fallback print
+            return ort.InferenceSession(
+                payload, sess_options=options, providers=providers, enable_fallback=0
+            )
+    except Exception as exc:  # pybind raises RuntimeError for an EP that cannot be created
+        if wanted == CPU_EP or not (is_onnxruntime_error(exc) or type(exc) is RuntimeError):
+            raise
+        try:  # does the CPU provider run it? If not, the model is at fault, not the provider
+            cpu = ort.InferenceSession(
+                payload, sess_options=session_options(config), providers=[CPU_EP]
+            )
+        except Exception:
+            raise exc from None
+        given = ", ".join(f"{k}={v}" for k, v in info.provider_options.items())
+        reason = f"execution provider {wanted} could not be created" + (
+            f" with options {given}" if given else ""
+        ) + f": {_ort_message(exc)}"  # fmt: skip
+        if not config.allow_fallback:
+            raise EnvironmentProblem(reason) from None
+        info.notes.append(f"FALLBACK: {reason}; running on {CPU_EP}")
+        return cpu
+
+
+def _ort_message(exc: BaseException) -> str:
+    """The first line of an ONNX Runtime error without its C++ source location and signature
+    (`/onnxruntime/...cc:1053 std::shared_ptr<...> f(...) Invalid OpenVINO EP option: x`)."""
+    return re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\) ", "", first_line(exc))
+
+
+def _model_nodes(model: Any) -> list[tuple[str, str]]:
+    """(name, op_type) of the main graph's nodes, weights left on disk."""
+    if not isinstance(model, onnx.ModelProto):
+        model = (
+            onnx.load_from_string(bytes(model))
+            if isinstance(model, bytes | bytearray)
+            else onnx.load(os.fspath(model), load_external_data=False)
+        )
+    return [(node.name, node.op_type) for node in model.graph.node]

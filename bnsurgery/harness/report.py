@@ -132,6 +132,23 @@ def divergence_line(lw: LayerwiseResult) -> str:
     )
 
 
+def divergence_caveat(report: CompareReport, lw: LayerwiseResult) -> str | None:
+    """What a first divergence means when the pair's outputs still agree: most likely two
+    tensors paired by name that mean different things, which a tensor map fixes."""
+    if lw.first_divergence is None:
+        return None
+    pair = next((p for p in report.pairs if (p.model, p.provider) == (lw.model, lw.provider)), None)
+    if pair is None or not pair.passed:
+        return None
+    return (
+        "the outputs agree, so this is most likely no error: the two graphs name their tensors "
+        "differently, and this pairs two tensors that mean different things (after a fold, a "
+        "tool may keep the Conv's pre-BN name for the post-BN tensor). Give the correspondence "
+        "with --map MAP.json (a `bnsurgery fold --json` report, or a JSON object {reference "
+        "tensor: candidate tensor})"
+    )
+
+
 def render_text(report: CompareReport) -> str:
     lines: list[str] = []
     for note in report.fallbacks:
@@ -189,15 +206,38 @@ def render_text(report: CompareReport) -> str:
                 lines.append(f"  {pair.model} on {pair.provider}, {m.name}: {m.verdict()}")
                 if m.note:
                     lines.append(f"  {pair.model} on {pair.provider}, {m.name}: {m.note}")
+    placement = placement_lines(report)
+    if placement:
+        lines.append("")
+        lines += placement
     for lw in report.layerwise:
         lines.append("")
         lines.append(f"layer-wise, {lw.model} on {lw.provider}: {layer_summary(lw)}")
         lines.append(f"  {divergence_line(lw)}")
+        caveat = divergence_caveat(report, lw)
+        if caveat:
+            lines.append(f"  note: {caveat}")
     if report.stability is not None:
         lines += ["", *_stability_text(report)]
     lines.append("")
     lines.append(result_line(report))
     return "\n".join(lines)
+
+
+def placement_lines(report: CompareReport) -> list[str]:
+    """Where the nodes ran, for every session not on the CPU provider (the CPU provider runs
+    every node by definition): `placement  candidate on openvino: 15 of 16 nodes; on CPU: ...`."""
+    sessions = [
+        ("reference", report.reference_session),
+        *((p.model, p.session) for p in report.pairs),
+    ]
+    lines = []
+    for model, session in sessions:
+        if session.placement is None or session.requested == "CPUExecutionProvider":
+            continue
+        summary = session.placement.summary(session.alias or session.requested)
+        lines.append(f"{'placement' if not lines else '':<9}  {model} on {summary}")
+    return lines
 
 
 def result_line(report: CompareReport) -> str:

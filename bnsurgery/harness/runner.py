@@ -107,19 +107,25 @@ class Runner:
         extra_outputs: Sequence[str] = (),
         label: str = "",
     ) -> None:
-        self.model = model
+        self.model: Any = model  # a serialized model (bytes) is dropped once its session exists
         self.config = config or ProviderConfig()
         self.extra_outputs = list(extra_outputs)
         self.label = label or self.config.alias
         self.session: Any = None
         self.info: SessionInfo | None = None
-        self.output_names: list[str] = [o.name for o in model.graph.output]
+        # a serialized model (bytes) learns its outputs from the session
+        graph = getattr(model, "graph", None)
+        self.output_names: list[str] = [o.name for o in graph.output] if graph else []
 
     def activate(self) -> SessionInfo:
         if self.session is None:
+            if self.model is None:
+                raise RuntimeError(f"{self.label}: its serialized model went with its session")
             model = with_outputs(self.model, self.extra_outputs) if self.extra_outputs else None
             self.session, self.info = create_session(model or self.model, self.config)
             self.output_names = [o.name for o in self.session.get_outputs()]
+            if isinstance(self.model, bytes):  # the session has its own copy: don't keep two
+                self.model = None
         assert self.info is not None
         return self.info
 
