@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import bn_reference as ref
 import numpy as np
@@ -124,6 +125,19 @@ def test_samples_takes_the_first_samples_in_shard_order(ray_cluster, net, images
     assert result.report.samples == 24
 
 
+def _wait_until_dead(ray, actor, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the killed Ray worker is still alive")
+
+
 def _kill_worker_in_wave(monkeypatch, ray, wave_number: int) -> None:
     """Kill worker 0 while it computes `wave_number` (the driver has sent the parameters of
     the wave before, and not yet asked for this one's moments)."""
@@ -133,7 +147,9 @@ def _kill_worker_in_wave(monkeypatch, ray, wave_number: int) -> None:
 
     def wave(self, number, history):
         if number == wave_number and not self.retried:
-            ray.kill(self.actors[0], no_restart=True)
+            actor = self.actors[0]
+            ray.kill(actor, no_restart=True)
+            _wait_until_dead(ray, actor)  # ray.kill is asynchronous: die in this very wave
         return original(self, number, history)
 
     monkeypatch.setattr(reestimate_ray.Driver, "wave", wave)

@@ -341,8 +341,8 @@ class Driver:
         self._check(results)
         return results
 
-    def _replay(self, i: int, history: list[dict[str, np.ndarray]]) -> Any:
-        """Bring a new worker to the current wave: it re-measures the earlier waves on its
+    def _catch_up(self, i: int, history: list[dict[str, np.ndarray]]) -> None:
+        """Bring a new worker to where the others are: it re-measures the earlier waves on its
         shards (their moments are already merged, so they are dropped) with the parameters
         the driver wrote then."""
         actor = self.actors[i]
@@ -350,10 +350,28 @@ class Driver:
         for params in history:
             self.ray.get(actor.next_wave.remote())
             self.ray.get(actor.continue_with.remote(params))
-        return actor.next_wave.remote()
 
-    def send(self, params: dict[str, np.ndarray]) -> None:
-        self._gather([actor.continue_with.remote(params) for actor in self.actors])
+    def _replay(self, i: int, history: list[dict[str, np.ndarray]]) -> Any:
+        """A new worker caught up, then set to measure the current wave."""
+        self._catch_up(i, history)
+        return self.actors[i].next_wave.remote()
+
+    def send(self, wave: int, history: list[dict[str, np.ndarray]]) -> None:
+        """Hand every worker the parameters just written (history[-1]). A worker that died
+        meanwhile (ray.kill is asynchronous, so a death can surface here rather than in the
+        wave) is replaced and caught up, as in `wave`."""
+        refs = [actor.continue_with.remote(history[-1]) for actor in self.actors]
+        for i, ref in enumerate(refs):
+            while True:
+                try:
+                    if ref is not None:
+                        self.ray.get(ref)
+                    else:
+                        self._catch_up(i, history)
+                    break
+                except self.ray.exceptions.RayActorError as exc:
+                    self._died(i, wave, exc)
+                    ref = None
 
     def stop(self) -> None:
         for actor in self.actors:
@@ -443,7 +461,7 @@ def measure_on_ray(
             written = [t.node.input[slot] for t in wave_targets for slot in (3, 4)]
             params = read_params(model, written)
             history.append(params)
-            driver.send(params)
+            driver.send(number, history)
             merged_all.update(merged)
             seconds.append(time.perf_counter() - start)
             log(
