@@ -56,3 +56,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if args.write_docs and getattr(args, "smoke", False):
         parser.error("--write-docs needs a full run, not --smoke")
     return args
+
+
+def replace_marked(doc: Path, marker: str, text: str) -> None:
+    """--write-docs: put `text` between `<!-- MARKER:begin -->` and `<!-- MARKER:end -->`."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    content = doc.read_text()
+    start, stop = content.index(begin) + len(begin), content.index(end)
+    doc.write_text(content[:start] + "\n" + text + content[stop:])
+    print(f"wrote {doc}")

@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import _outputs as outputs  # noqa: E402
 
 DOC = REPO / "docs" / "verification.md"
-BEGIN, END = "<!-- real_exporters:begin -->", "<!-- real_exporters:end -->"
 CACHE = REPO / "bench" / ".cache" / "exported"
 # (torchvision builder, input size); segmentation models return a dict: their "out" is exported
 MODELS = [
@@ -194,10 +193,7 @@ def main() -> None:
     table = render(rows)
     print(table)
     if args.write_docs:
-        text = DOC.read_text()
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        DOC.write_text(text[:start] + "\n" + table + text[end:])
-        print(f"wrote {DOC}")
+        outputs.replace_marked(DOC, "real_exporters", table)
 
 
 if __name__ == "__main__":

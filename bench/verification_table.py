@@ -34,7 +34,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+import _outputs as outputs  # noqa: E402
 import onnx  # noqa: E402
 
 from bnsurgery.data import random_spec  # noqa: E402
@@ -42,7 +44,6 @@ from bnsurgery.harness.compare import compare_models  # noqa: E402
 from bnsurgery.passes.fold import FoldPass  # noqa: E402
 
 DOC = REPO / "docs" / "verification.md"
-BEGIN, END = "<!-- verification_table:begin -->", "<!-- verification_table:end -->"
 WRONG = ("eps_x100", "gamma_1pct", "mean_half_sd", "fp16_weights")
 
 
@@ -167,10 +168,7 @@ def main() -> None:
     table = render(rows, NOISE_LIMIT)
     print(table)
     if args.write_docs:
-        text = DOC.read_text()
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        DOC.write_text(text[:start] + "\n" + table + text[end:])
-        print(f"wrote {DOC}")
+        outputs.replace_marked(DOC, "verification_table", table)
 
 
 if __name__ == "__main__":
