@@ -228,12 +228,12 @@ class ValidationContext:
             return exc
 
     def data_source(self) -> Any:
-        """DATA opened for this model. Without DATA: seeded random samples, 8 or the next
-        multiple of a static batch dimension. DATA that does not fit raises DataError (exit 2);
-        random data that cannot feed the model (inputs of different static batch sizes, say)
-        raises Skip for the checks that need it."""
+        """DATA opened for this model. Without DATA: the judge's random data (data.random_spec:
+        4 seeded samples, or the next multiple of a static batch dimension). DATA that does
+        not fit raises DataError (exit 2); random data that cannot feed the model raises Skip
+        for the checks that need it."""
         if self._data_source is None:
-            from bnsurgery.data import DEFAULT_RANDOM_SAMPLES, input_specs, load_data
+            from bnsurgery.data import load_data, random_spec
             from bnsurgery.errors import DataError
 
             if self._data_problem is not None:
@@ -243,16 +243,14 @@ class ValidationContext:
                 self._data_source = load_data(self.data, self.model, **options)
                 self.data_label = _describe(self.data)
             else:
-                batches = {s.static_batch for s in input_specs(self.model) if s.static_batch}
-                step = batches.pop() if len(batches) == 1 else 1
-                samples = step * -(-DEFAULT_RANDOM_SAMPLES // step)
-                self.data_label = f"random:{samples} (seed {self.seed})"
+                spec = random_spec(self.model)  # the same data fold's verification uses
+                self.data_label = f"{spec} (seed {self.seed})"
                 try:
-                    self._data_source = load_data(f"random:{samples}", self.model, **options)
+                    self._data_source = load_data(spec, self.model, **options)
                 except DataError as exc:
                     self._data_problem = f"random data cannot feed this model ({exc}); give DATA"
                     raise Skip(self._data_problem) from None
-                self.notes.append(f"no DATA given: using random:{samples}, seed {self.seed}")
+                self.notes.append(f"no DATA given: using {spec}, seed {self.seed}")
             for note in getattr(self._data_source, "notes", []):
                 if note not in self.notes:
                     self.notes.append(note)
