@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from bnsurgery.passes.fold_report import FoldReport
+from bnsurgery.passes.fold_report import FoldReport, bn_label
 
 
 def fold_tensor(model: onnx.ModelProto, entry: Any) -> str | None:
@@ -24,8 +24,7 @@ def fold_tensor(model: onnx.ModelProto, entry: Any) -> str | None:
     if entry.scope:
         return None
     for node in model.graph.node:
-        label = node.name or f"BatchNormalization({node.output[0]})"
-        if node.op_type == "BatchNormalization" and label == entry.node:
+        if node.op_type == "BatchNormalization" and bn_label(node) == entry.node:
             if entry.direction != "backward":
                 return node.output[0]
             consumers = [n for n in model.graph.node if node.output[0] in n.input]

@@ -21,6 +21,7 @@ from bnsurgery.checks import Skip
 from bnsurgery.errors import BnSurgeryError, is_onnxruntime_error
 from bnsurgery.graph import GraphIndex, Scope, iter_scopes
 from bnsurgery.passes import PassResult
+from bnsurgery.passes.fold_report import bn_label
 
 
 @dataclass
@@ -39,7 +40,7 @@ class BnSite:
     @property
     def label(self) -> str:
         """The name reports use (the same as the fold report's)."""
-        return self.node.name or f"BatchNormalization({self.node.output[0]})"
+        return bn_label(self.node)
 
     @property
     def epsilon(self) -> float:

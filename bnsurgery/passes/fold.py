@@ -31,7 +31,7 @@ from bnsurgery.graph import FOLDABLE_OPS, GraphIndex, NameGenerator, Scope, iter
 from bnsurgery.passes import PassResult, register
 from bnsurgery.passes import fold_math as fm
 from bnsurgery.passes.fold_layout import LAYOUT_OPS, LayoutError, LayoutStep, channel_map
-from bnsurgery.passes.fold_report import AffineFold, BnDecision, FoldReport
+from bnsurgery.passes.fold_report import AffineFold, BnDecision, FoldReport, bn_label
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -253,7 +253,7 @@ class _ScopeFolder:
         return changed
 
     def fold_bn(self, node: onnx.NodeProto) -> BnDecision:
-        label = node.name or f"BatchNormalization({node.output[0]})"
+        label = bn_label(node)
         decision = BnDecision(node=label, scope=self.scope.path, action="kept", reason="")
         try:
             site = self.bn_site(node)

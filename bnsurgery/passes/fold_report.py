@@ -28,6 +28,11 @@ REASONS: dict[str, str] = {
 FOLDED = ("folded", "folded-backward")
 
 
+def bn_label(node: Any) -> str:
+    """How reports name a BatchNormalization node: its name, or BatchNormalization(output)."""
+    return node.name or f"BatchNormalization({node.output[0]})"
+
+
 @dataclass
 class BnDecision:
     """What fold did with one BN node, and why."""
