@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from bnsurgery.harness.metrics import ratio_text
 from bnsurgery.passes.fold_report import FoldReport, bn_label
 
 
@@ -97,7 +98,7 @@ def summary_line(per_fold: dict[str, Any]) -> str:
     """One line: what could and could not be verified, and why."""
     total = len(per_fold["folds"])
     ratios = [f["ratio"] for f in per_fold["folds"] if f["status"] == "verified"]
-    worst = f" (deviation up to {max(ratios):.2g}x the rounding noise)" if ratios else ""
+    worst = f" (deviation up to {ratio_text(max(ratios))} the rounding noise)" if ratios else ""
     text = (
         f"{per_fold['verified']} of {total} folds verified on their own tensors{worst}, since "
         f"{per_fold['why']}"

@@ -10,6 +10,7 @@ import click
 from bnsurgery.cli import emit, in_place_option, json_option, output_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
+from bnsurgery.harness.metrics import ratio_text
 from bnsurgery.io import load_model, resolve_output_path
 from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold_report import FoldReport
@@ -66,17 +67,13 @@ def verification_line(v: dict) -> str:
     if v.get("per_fold"):  # the outputs are NaN/Inf in the original: judged fold by fold
         return f"verification: {status}, {summary_line(v['per_fold'])}"
     if v.get("ratio") is not None and v.get("rule") == "rounding-noise":
-        judged = f"deviation {_ratio(v['ratio'])} the rounding noise (limit {v['limit']:g}x)"
+        judged = f"deviation {ratio_text(v['ratio'])} the rounding noise (limit {v['limit']:g}x)"
     else:
         judged = "; ".join(o["verdict"] for o in v["outputs"].values())
     return (
         f"verification: {status}, {judged}; max abs error {v['max_abs']:.3g}, max rel error "
         f"{v['max_rel']:.3g} ({v['samples']} samples of {v['data']}; {'; '.join(v['engines'])})"
     )
-
-
-def _ratio(ratio: float) -> str:
-    return "inf" if ratio == float("inf") else (f"{ratio:.2g}x" if ratio < 10 else f"{ratio:.0f}x")
 
 
 def _payload(report: FoldReport, seconds: float, output: Path | None) -> dict:

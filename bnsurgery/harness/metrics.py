@@ -97,7 +97,7 @@ class ErrorMetrics:
         if self.rule == "noise":
             if self.ratio is None or not math.isfinite(self.ratio):
                 return f"deviation beyond the rounding noise (limit {self.limit:g}x)"
-            return f"deviation {_ratio_text(self.ratio)} the rounding noise (limit {self.limit:g}x)"
+            return f"deviation {ratio_text(self.ratio)} the rounding noise (limit {self.limit:g}x)"
         return (
             f"{self.mismatched} of {self.count} elements beyond atol {self.atol:g} + "
             f"rtol {self.rtol:g}"
@@ -142,7 +142,10 @@ class ErrorMetrics:
         }
 
 
-def _ratio_text(ratio: float) -> str:
+def ratio_text(ratio: float) -> str:
+    """A verdict's ratio as the text prints it: 0.97x, 1,234x, 1.7e+06x, inf."""
+    if not math.isfinite(ratio):
+        return "inf"
     if ratio < 10:
         return f"{ratio:.2g}x"
     return f"{ratio:,.0f}x" if ratio < 1e5 else f"{ratio:.2g}x"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnsurgery.errors import BadInputError
+from bnsurgery.harness.metrics import ratio_text
 
 if TYPE_CHECKING:
     from bnsurgery.harness.compare import CompareReport, LayerwiseResult
@@ -84,8 +85,7 @@ def judged_cell(m: ErrorMetrics) -> str:
     if m.nothing_finite:
         return "all NaN/Inf"
     if m.rule == "noise":
-        ratio = "inf" if m.ratio is None or not math.isfinite(m.ratio) else f"{m.ratio:.2g}x"
-        return f"{ratio} / {m.limit:g}x noise"
+        return f"{ratio_text(math.inf if m.ratio is None else m.ratio)} / {m.limit:g}x noise"
     return f"atol {_g(m.atol)} rtol {_g(m.rtol)}"
 
 
