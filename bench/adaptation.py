@@ -42,8 +42,8 @@ import _ocr_direction as od  # noqa: E402
 import _outputs as outputs  # noqa: E402
 
 import bnsurgery  # noqa: E402
-from bnsurgery.adapt_auto import guarded  # noqa: E402
-from bnsurgery.adapt_guard import Arrays, accuracy, drift, entropy, predictions  # noqa: E402
+from bnsurgery.passes.adapt_auto import guarded  # noqa: E402
+from bnsurgery.passes.adapt_guard import Arrays, accuracy, drift, entropy, predictions  # noqa: E402
 
 NAME = "adaptation"
 SMOKE_SHIFTS = ("gaussian noise 0.2", "blur 2.5")

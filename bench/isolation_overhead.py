@@ -1,4 +1,4 @@
-"""What running ONNX Runtime in an isolated child (bnsurgery.harness.isolation) costs.
+"""What running ONNX Runtime in an isolated child (bnsurgery.runtime.isolation) costs.
 
 For each model, in one process, round-robin, `--runs` times (median reported):
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _outputs as outputs
 from _common import ROOT, cached_model, machine, write_json
 
-from bnsurgery.harness.isolation import isolation_enabled, run_isolated
+from bnsurgery.runtime.isolation import isolation_enabled, run_isolated
 
 MODELS = {
     "resnet_small": lambda: ROOT / "sample_models" / "resnet_small.onnx",

@@ -43,7 +43,7 @@ def write_shards(data: Path, folder: Path, shards: int) -> None:
 
 
 def run_once(bnsurgery, model, folder: Path, mode: str, batch: int, tool: str) -> dict:
-    from bnsurgery.passes.reestimate_ray import RayOptions
+    from bnsurgery.measure.ray import RayOptions
 
     options = {}
     if tool != "local":

@@ -26,21 +26,21 @@ if TYPE_CHECKING:
     import onnx
 
     from bnsurgery.harness.compare import CompareReport
-    from bnsurgery.io import ModelSource
+    from bnsurgery.onnxio.load import ModelSource
     from bnsurgery.passes import PassResult
-    from bnsurgery.passes.fold import FoldReport
+    from bnsurgery.passes.fold.rewrite import FoldReport
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ModelProto, with its external data."""
-    from bnsurgery.io import load_model as _load
+    from bnsurgery.onnxio.load import load_model as _load
 
     return _load(source, check=check)
 
 
 def save_model(model: onnx.ModelProto, path: Any, *, external_data: bool | None = None) -> Any:
     """Write a model atomically (external data beside it when over 2 GB or when asked)."""
-    from bnsurgery.io import save_model as _save
+    from bnsurgery.onnxio.load import save_model as _save
 
     return _save(model, path, external_data=external_data)
 
@@ -61,14 +61,14 @@ def fold(
     original's rounding noise (docs/verification.md). verify_options: samples, seed, shapes,
     data, atol, rtol.
     """
-    from bnsurgery.passes.fold import FoldPass
+    from bnsurgery.passes.fold.rewrite import FoldPass
 
     loaded = load_model(model)
     # A model we loaded ourselves (path, bytes, onnx-ir) is ours to rewrite: no deep copy.
     owned = loaded is not model
     result = FoldPass(backward=backward, affine=affine, in_place=owned)(loaded)
     if verify:
-        from bnsurgery.verify import verify_fold
+        from bnsurgery.passes.verify import verify_fold
 
         verify_fold(load_model(model, check=False), result, **verify_options)
     return result
@@ -93,7 +93,7 @@ def fold_file(
     ONNX Runtime CPU first, and CheckFailed is raised beyond the judge's limit, with nothing
     written. Returns the report.
     """
-    from bnsurgery.streamed_fold import fold_file_checked
+    from bnsurgery.passes.fold.streamed import fold_file_checked
 
     report, _, failure = fold_file_checked(
         model,
@@ -185,10 +185,6 @@ __all__ = [
 
 
 # -- validate and pipelines ------------------------------------------------------------------
-# bnsurgery.validate is also a module; importing it first and defining the function after keeps
-# `bnsurgery.validate` the function (a later `import bnsurgery.validate` finds the module in
-# sys.modules and leaves this attribute alone). Both imports are light (no onnx, no numpy).
-import bnsurgery.validate as _validate_module  # noqa: E402
 from bnsurgery.passes import Pipeline  # noqa: E402
 
 
@@ -200,13 +196,15 @@ def validate(model: Any, **options: Any) -> Any:
     Options: data, providers (default ("cpu",)), fail_on ("error" | "warning"), skip, only,
     shapes, seed, plugins, extra_checks, parity_opt_level. See docs/validate.md.
     """
-    return _validate_module.validate(model, **options)
+    from bnsurgery.validation.gate import validate as _validate
+
+    return _validate(model, **options)
 
 
 def run_pipeline(pipeline: Any, model: Any) -> PassResult:
     """Run a TOML pipeline file on a model; the report holds every step's report
     (docs/pipelines.md)."""
-    from bnsurgery.pipeline import run_pipeline as _run
+    from bnsurgery.pipeline.config import run_pipeline as _run
 
     return _run(pipeline, model)
 

@@ -1,5 +1,5 @@
 """`python -m bnsurgery`: the same as the `bnsurgery` console script."""
 
-from bnsurgery.cli import run
+from bnsurgery.cli.main import run
 
 run()

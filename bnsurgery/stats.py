@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from bnsurgery.data.npfile import load_npz
 from bnsurgery.errors import BadInputError, DataError
-from bnsurgery.npfile import load_npz
 
 FORMAT = "bnsurgery-stats/1"
 MODES = ("exact", "batch", "calibrate")

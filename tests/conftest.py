@@ -38,7 +38,7 @@ def write_model(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run `bnsurgery ARGS...` in-process; returns (exit code, stdout, stderr)."""
-    from bnsurgery.cli import main
+    from bnsurgery.cli.main import main
 
     def invoke(*args: str | Path) -> tuple[int, str, str]:
         capsys.readouterr()

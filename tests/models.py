@@ -1099,8 +1099,8 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
 
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """onnx.reference with an inference-mode BN in every opset (see bnsurgery.reference)."""
-    from bnsurgery.reference import run_reference as evaluate
+    """onnx.reference with an inference-mode BN in every opset (see bnsurgery.runtime.reference)."""
+    from bnsurgery.runtime.reference import run_reference as evaluate
 
     return list(evaluate(model, feeds).values())
 

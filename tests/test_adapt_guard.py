@@ -15,7 +15,7 @@ import onnx
 from conftest import sha256
 from onnx import TensorProto, helper, numpy_helper
 
-from bnsurgery.adapt_guard import FAR_SHARE, drift
+from bnsurgery.passes.adapt_guard import FAR_SHARE, drift
 
 
 def _model() -> onnx.ModelProto:

@@ -12,9 +12,9 @@ import pytest
 from models import make, vi
 from onnx import helper
 
-from bnsurgery.harness import arena
-from bnsurgery.harness.providers import ProviderConfig, session_options
 from bnsurgery.passes.reestimate import Runner, reestimate
+from bnsurgery.runtime import arena
+from bnsurgery.runtime.providers import ProviderConfig, session_options
 
 
 def _relu_model():

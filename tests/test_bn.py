@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from bnsurgery.bn import (
+from bnsurgery.errors import BadInputError
+from bnsurgery.model.bn import (
     BatchNormView,
     BnParams,
     affine,
     check_param_shapes,
     statistics_problem,
 )
-from bnsurgery.errors import BadInputError
 
 INPUTS = ["x", "s", "b", "mu", "v"]
 

@@ -22,7 +22,7 @@ SAMPLE_RUNS = {
 
 
 def _samples_option(command: str) -> click.Option:
-    from bnsurgery.cli import cli
+    from bnsurgery.cli.main import cli
 
     cmd = cli.get_command(click.Context(cli), command)
     assert cmd is not None

@@ -187,7 +187,7 @@ def test_verification_passes_on_correct_folds(cli, write_model, build) -> None:
 
 # -- exit 1: verification mismatch --------------------------------------------------------------
 def test_verification_mismatch_exits_1_and_writes_nothing(cli, write_model, tmp_path, monkeypatch):
-    from bnsurgery.passes import fold_math
+    from bnsurgery.passes.fold import arithmetic as fold_math
 
     real = fold_math.conv_forward
 
@@ -431,7 +431,7 @@ def test_process_bad_input_is_one_line_exit_2(write_model) -> None:
 def test_process_verification_failure_exits_1(write_model, tmp_path) -> None:
     """A wrong fold injected through a sitecustomize makes the real process exit 1."""
     (tmp_path / "sitecustomize.py").write_text(
-        "from bnsurgery.passes import fold_math as fm\n"
+        "from bnsurgery.passes.fold import arithmetic as fm\n"
         "_real = fm.conv_forward\n"
         "fm.conv_forward = lambda w, b, s, t: _real(w, b, s * 1.01, t)\n"
     )
@@ -459,10 +459,11 @@ def test_fold_command_does_not_import_the_other_commands(write_model, tmp_path) 
     (start-up time is part of what users wait for on every fold)."""
     code = (
         "import sys\n"
-        "from bnsurgery.cli import main\n"
+        "from bnsurgery.cli.main import main\n"
         f"code = main(['fold', {str(write_model(m.conv_bn()))!r}, '--no-verify', '--json'])\n"
-        "loaded = [n for n in ('bnsurgery.harness.compare', 'bnsurgery.commands.reestimate',\n"
-        "          'bnsurgery.checks.folding', 'bnsurgery.passes.insert') if n in sys.modules]\n"
+        "loaded = [n for n in ('bnsurgery.harness.compare', 'bnsurgery.cli.reestimate',\n"
+        "          'bnsurgery.validation.checks.folding', 'bnsurgery.passes.insert')\n"
+        "          if n in sys.modules]\n"
         "print('LOADED', code, loaded)\n"
     )
     proc = subprocess.run(

@@ -9,8 +9,8 @@ import sys
 import click
 import pytest
 
-from bnsurgery.cli import COMMANDS
-from bnsurgery.cli import cli as group
+from bnsurgery.cli.main import COMMANDS
+from bnsurgery.cli.main import cli as group
 
 HEAVY = ("onnx", "onnxruntime", "numpy", "ml_dtypes")
 
@@ -19,7 +19,7 @@ HEAVY = ("onnx", "onnxruntime", "numpy", "ml_dtypes")
 def test_listing_the_commands_imports_no_onnx_numpy_or_onnxruntime(tmp_path, args) -> None:
     code = (
         "import sys\n"
-        "from bnsurgery.cli import main\n"
+        "from bnsurgery.cli.main import main\n"
         f"code = main({args!r})\n"
         f"heavy = sorted(n for n in {HEAVY!r} if n in sys.modules)\n"
         "print('HEAVY', code, heavy, file=sys.stderr)\n"

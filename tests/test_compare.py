@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 import bnsurgery
 from bnsurgery.errors import BadInputError
-from bnsurgery.harness.providers import available_providers
+from bnsurgery.runtime.providers import available_providers
 
 DIGITS = SAMPLES / "digits_test.npz"
 CUDA_MISSING = "CUDAExecutionProvider" not in available_providers()

@@ -10,9 +10,9 @@ import pytest
 from conftest import SAMPLES
 
 from bnsurgery.errors import BadInputError
-from bnsurgery.harness import runner as R
-from bnsurgery.harness.providers import ProviderConfig
-from bnsurgery.harness.runner import run_model, with_outputs
+from bnsurgery.runtime import runner as R
+from bnsurgery.runtime.providers import ProviderConfig
+from bnsurgery.runtime.runner import run_model, with_outputs
 
 DIGITS = SAMPLES / "digits_test.npz"
 CONV1 = "/conv1/Conv_output_0"

@@ -12,7 +12,7 @@ from conftest import SAMPLES
 
 import bnsurgery
 from bnsurgery.errors import DataError
-from bnsurgery.harness import providers as P
+from bnsurgery.runtime import providers as P
 
 CNN = SAMPLES / "digits_cnn.onnx"
 DATA = str(SAMPLES / "digits_test.npz")
@@ -31,7 +31,7 @@ def test_one_session_is_alive_at_a_time(monkeypatch, tmp_path):
         most[0] = max(most[0], len(alive))
         return session, info
 
-    monkeypatch.setattr("bnsurgery.harness.runner.create_session", counted)
+    monkeypatch.setattr("bnsurgery.runtime.runner.create_session", counted)
     folded = tmp_path / "folded.onnx"
     onnx.save(bnsurgery.fold(str(CNN)).model, folded)
     report = bnsurgery.compare(CNN, folded, providers="cpu", data=DATA, opt_level="all")
@@ -121,7 +121,7 @@ def test_no_note_when_the_outputs_fail_too(cli, tmp_path):
 def test_the_noise_copy_of_a_lazily_loaded_model_is_the_same_as_of_the_loaded_one():
     from bnsurgery.harness.compare import in_memory
     from bnsurgery.harness.noise import rounding_noise_copy
-    from bnsurgery.io import is_lazy, load_model
+    from bnsurgery.onnxio.load import is_lazy, load_model
 
     path = SAMPLES / "resnet_small.onnx"
     lazy = load_model(path, external_data="lazy")

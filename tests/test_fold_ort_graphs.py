@@ -30,7 +30,7 @@ from ort_fusion_models import (
 )
 
 import bnsurgery
-from bnsurgery.graph import GraphIndex, iter_scopes
+from bnsurgery.model.graph import GraphIndex, iter_scopes
 
 
 def _ort_basic_ops(model: onnx.ModelProto) -> Counter:

@@ -337,7 +337,7 @@ def test_api_verify_records_the_outcome() -> None:
 
 def test_api_verify_raises_check_failed_on_a_wrong_fold(monkeypatch) -> None:
     from bnsurgery.errors import CheckFailed
-    from bnsurgery.passes import fold_math
+    from bnsurgery.passes.fold import arithmetic as fold_math
 
     real = fold_math.conv_forward
     monkeypatch.setattr(fold_math, "conv_forward", lambda w, b, s, t: real(w, b, s * 1.01, t))

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bnsurgery.passes import fold_math as fm
-from bnsurgery.passes.fold import _replace_tensor_value
+from bnsurgery.passes.fold import arithmetic as fm
+from bnsurgery.passes.fold.rewrite import _replace_tensor_value
 
 
 def plain_cast(w: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnsurgery.graph import (
+from bnsurgery.model.graph import (
     GraphIndex,
     NameGenerator,
     default_opset,

@@ -1,4 +1,4 @@
-"""bnsurgery.io: loading from paths and bytes, safe external data, atomic saving, OUT rules."""
+"""onnxio.load: loading from paths and bytes, safe external data, atomic saving, OUT rules."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnx
 import pytest
 from conftest import sha256
 
-from bnsurgery import io
 from bnsurgery.errors import EXIT_BAD_INPUT, BadInputError, UnsafePathError, UsageError
+from bnsurgery.onnxio import load as io
 
 
 def listing(folder: Path) -> list[str]:

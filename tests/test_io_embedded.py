@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from bnsurgery import io, wire
 from bnsurgery.errors import BadInputError
-from bnsurgery.passes.fold import FoldPass
+from bnsurgery.onnxio import load as io
+from bnsurgery.onnxio import wire
+from bnsurgery.passes.fold.rewrite import FoldPass
 
 SAMPLE_NAMES = ["digits_cnn.onnx", "digits_cnn_nobn.onnx", "digits_mlp.onnx", "resnet_small.onnx"]
 
@@ -344,7 +345,7 @@ def test_fold_file_verifies_when_asked(tmp_path: Path) -> None:
 def test_fold_file_mismatch_raises_and_writes_nothing(monkeypatch, tmp_path: Path) -> None:
     import bnsurgery
     from bnsurgery.errors import CheckFailed
-    from bnsurgery.passes import fold_math
+    from bnsurgery.passes.fold import arithmetic as fold_math
 
     real = fold_math.conv_forward
     monkeypatch.setattr(fold_math, "conv_forward", lambda w, b, s, t: real(w, b, s * 1.01, t))

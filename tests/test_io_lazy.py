@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from bnsurgery import io
 from bnsurgery.errors import BadInputError, UnsafePathError
-from bnsurgery.passes.fold import FoldPass
+from bnsurgery.onnxio import load as io
+from bnsurgery.passes.fold.rewrite import FoldPass
 
 
 def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:

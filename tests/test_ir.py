@@ -11,9 +11,15 @@ from conftest import SAMPLES
 ir = pytest.importorskip("onnx_ir")
 
 import bnsurgery  # noqa: E402
-from bnsurgery.ir import FoldPass, InsertPass, IrPassResult, ReestimatePass, ValidatePass  # noqa: E402
-from bnsurgery.testing import assert_bn_healthy, assert_fold_equivalent  # noqa: E402
-from bnsurgery.validate import ValidationFailed  # noqa: E402
+from bnsurgery.integrations.onnx_ir import (  # noqa: E402
+    FoldPass,
+    InsertPass,
+    IrPassResult,
+    ReestimatePass,
+    ValidatePass,
+)
+from bnsurgery.integrations.testing import assert_bn_healthy, assert_fold_equivalent  # noqa: E402
+from bnsurgery.validation.gate import ValidationFailed  # noqa: E402
 
 
 def ops(model) -> list[str]:
@@ -80,7 +86,7 @@ def test_every_api_function_accepts_an_onnx_ir_model():
     assert bnsurgery.insert(model).report.to_dict()["inserted"] == []
     data = {"input": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
     assert bnsurgery.reestimate(model, data).modified
-    assert bnsurgery.Pipeline([bnsurgery.passes.fold.FoldPass()]).run(model).modified
+    assert bnsurgery.Pipeline([bnsurgery.passes.fold.rewrite.FoldPass()]).run(model).modified
     assert_bn_healthy(model)
     assert_fold_equivalent(model, expect_folded=2)
 

@@ -35,10 +35,10 @@ from bnsurgery.errors import (
     UsageError,
     is_onnxruntime_error,
 )
-from bnsurgery.harness import isolation
-from bnsurgery.harness.isolation import run_isolated
-from bnsurgery.pipeline import StepFailed
-from bnsurgery.validate import ValidationFailed, ValidationReport
+from bnsurgery.pipeline.config import StepFailed
+from bnsurgery.runtime import isolation
+from bnsurgery.runtime.isolation import run_isolated
+from bnsurgery.validation.gate import ValidationFailed, ValidationReport
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="isolation forks on Linux only"
@@ -168,7 +168,7 @@ def test_a_child_does_not_outlive_a_killed_parent(tmp_path: Path):
         f"""
         import os, time
         from pathlib import Path
-        from bnsurgery.harness.isolation import run_isolated
+        from bnsurgery.runtime.isolation import run_isolated
         def slow():
             Path({str(pid_file)!r}).write_text(str(os.getpid()))
             time.sleep(60)
@@ -367,7 +367,7 @@ def test_the_child_neither_repeats_buffered_output_nor_runs_atexit(tmp_path: Pat
     script = textwrap.dedent(
         """
         import atexit, sys
-        from bnsurgery.harness.isolation import run_isolated
+        from bnsurgery.runtime.isolation import run_isolated
         atexit.register(lambda: print("atexit"))
         sys.stdout.write("buffered ")  # stdout is a pipe: block-buffered, not yet written
         run_isolated(lambda: print("child"), what="m")

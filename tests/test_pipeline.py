@@ -14,9 +14,9 @@ from conftest import SAMPLES, sha256
 import bnsurgery
 from bnsurgery.errors import BadInputError
 from bnsurgery.passes import Pipeline, PipelineReport, make_pass, registry
-from bnsurgery.passes.fold import FoldPass
-from bnsurgery.pipeline import key_lines, load_pipeline, parse_pipeline
-from bnsurgery.validate import ValidatePass, ValidationReport
+from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.pipeline.config import key_lines, load_pipeline, parse_pipeline
+from bnsurgery.validation.gate import ValidatePass, ValidationReport
 
 FOLD_THEN_GATE = """\
 name = "deploy"

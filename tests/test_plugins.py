@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLES
 
-from bnsurgery.plugins import list_plugins, load_entry_points
+from bnsurgery.pipeline.plugins import list_plugins, load_entry_points
 
 PLUGIN_PKG = Path(__file__).parent / "plugin_pkg"
 
@@ -38,7 +38,7 @@ def test_an_unknown_group_loads_nothing_and_raises_nothing():
 
 
 def test_text_listing_says_every_plugin_loaded_when_none_failed(cli, monkeypatch):
-    import bnsurgery.plugins as plugins
+    import bnsurgery.pipeline.plugins as plugins
 
     monkeypatch.setattr(plugins, "load_entry_points", lambda group, errors=None: [])
     code, out, _ = cli("plugins")

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from bnsurgery import io
 from bnsurgery.errors import BadInputError
-from bnsurgery.proto_text import first_non_text_name
+from bnsurgery.onnxio import load as io
+from bnsurgery.onnxio.proto_text import first_non_text_name
 
 MARK = "QZQZ"  # a placeholder name, replaced by non-UTF-8 bytes of the same length
 

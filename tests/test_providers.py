@@ -8,8 +8,8 @@ from models import make, vi
 from onnx import helper
 
 from bnsurgery.errors import BadInputError, EnvironmentProblem
-from bnsurgery.harness import providers as P
-from bnsurgery.harness.providers import ProviderConfig, create_session, parse_providers
+from bnsurgery.runtime import providers as P
+from bnsurgery.runtime.providers import ProviderConfig, create_session, parse_providers
 
 CUDA_MISSING = "CUDAExecutionProvider" not in P.available_providers()
 needs_no_cuda = pytest.mark.skipif(not CUDA_MISSING, reason="this machine has CUDA")
@@ -62,7 +62,7 @@ def test_optimisation_level_is_selectable_and_validated():
 
 
 def test_execution_order_is_selectable_validated_and_recorded():
-    from bnsurgery.harness.providers import session_options
+    from bnsurgery.runtime.providers import session_options
 
     config = ProviderConfig("cpu", execution_order="priority_based")
     assert session_options(config).execution_order == ort.ExecutionOrder.PRIORITY_BASED

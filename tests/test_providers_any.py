@@ -13,11 +13,11 @@ from conftest import SAMPLES
 
 import bnsurgery
 from bnsurgery.errors import BadInputError, EnvironmentProblem
-from bnsurgery.harness import placement as PL
-from bnsurgery.harness import providers as P
-from bnsurgery.harness import runtime
-from bnsurgery.harness.placement import Placement
-from bnsurgery.harness.providers import ProviderConfig, create_session
+from bnsurgery.runtime import installation as runtime
+from bnsurgery.runtime import placement as PL
+from bnsurgery.runtime import providers as P
+from bnsurgery.runtime.placement import Placement
+from bnsurgery.runtime.providers import ProviderConfig, create_session
 
 CNN = SAMPLES / "digits_cnn.onnx"
 HAS_AZURE = "AzureExecutionProvider" in ort.get_available_providers()

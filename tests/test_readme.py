@@ -13,8 +13,8 @@ import click
 import pytest
 from conftest import REPO
 
-from bnsurgery.cli import COMMANDS
-from bnsurgery.cli import cli as group
+from bnsurgery.cli.main import COMMANDS
+from bnsurgery.cli.main import cli as group
 
 README = (REPO / "README.md").read_text()
 # Options a reader must find in the table wherever the command has them: where the output goes.
@@ -65,7 +65,7 @@ def test_the_table_names_every_output_option_the_command_has(name: str) -> None:
 
 
 def test_validate_help_lists_every_check_id_skip_takes(cli) -> None:
-    from bnsurgery.checks import builtin_checks
+    from bnsurgery.validation.checks import builtin_checks
 
     code, out, _ = cli("validate", "--help")
     assert code == 0

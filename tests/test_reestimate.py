@@ -707,10 +707,12 @@ def test_help_ends_with_an_example(cli):
 
 
 def test_sub_models_past_the_protobuf_limit_go_through_external_data(net, images, monkeypatch):
-    import bnsurgery.io
+    import bnsurgery.onnxio.load
 
     want = reestimate(net, {"x": images}, batch_size=16).report.stats
-    monkeypatch.setattr(bnsurgery.io, "EXTERNAL_DATA_THRESHOLD", 256)  # every part is "large"
+    monkeypatch.setattr(
+        bnsurgery.onnxio.load, "EXTERNAL_DATA_THRESHOLD", 256
+    )  # every part is "large"
     from bnsurgery.passes.reestimate import Runner
 
     via_file = []

@@ -70,7 +70,7 @@ def _assert_same(result, local) -> None:
 
 
 def _ray(net, data, mode, **options):
-    from bnsurgery.passes.reestimate_ray import RayOptions
+    from bnsurgery.measure.ray import RayOptions
 
     lines: list[str] = []
     result = reestimate(
@@ -116,7 +116,7 @@ def test_a_ray_dataset_is_data(ray_cluster, net, images):
 def test_samples_takes_the_first_samples_in_shard_order(ray_cluster, net, images, tmp_path):
     folder = _shards(tmp_path / "shards", images, (16, 16, 16))
     local = reestimate(net, {"x": images[:24]}, batch_size=BATCH)
-    from bnsurgery.passes.reestimate_ray import RayOptions
+    from bnsurgery.measure.ray import RayOptions
 
     result = reestimate(
         net, folder, batch_size=BATCH, samples=24, engine="ray", ray_options=RayOptions(workers=3)
@@ -141,7 +141,7 @@ def _wait_until_dead(ray, actor, seconds: float = 30.0) -> None:
 def _kill_worker_in_wave(monkeypatch, ray, wave_number: int) -> None:
     """Kill worker 0 while it computes `wave_number` (the driver has sent the parameters of
     the wave before, and not yet asked for this one's moments)."""
-    from bnsurgery.passes import reestimate_ray
+    from bnsurgery.measure import ray as reestimate_ray
 
     original = reestimate_ray.Driver.wave
 
@@ -174,7 +174,7 @@ def test_a_worker_that_stays_dead_fails_the_run_with_one_line(
 ):
     folder = _shards(tmp_path / "shards", images, (24, 24))
     model = write_model(net)
-    from bnsurgery.passes import reestimate_ray
+    from bnsurgery.measure import ray as reestimate_ray
 
     _kill_worker_in_wave(monkeypatch, ray_cluster, 2)
     with pytest.raises(EnvironmentProblem, match=r"died in wave 2 .*no statistics were written"):
@@ -264,7 +264,7 @@ def test_source_relative_adaptation_runs_on_ray_with_the_local_answer(
     folder = _shards(tmp_path / "shards", images, (24, 24))
     source = {"x": ref.image_data(32, seed=9)}
     local = reestimate(net, folder, source=source, batch_size=BATCH)
-    from bnsurgery.passes.reestimate_ray import RayOptions
+    from bnsurgery.measure.ray import RayOptions
 
     result = reestimate(
         net, folder, source=source, batch_size=BATCH, engine="ray",

@@ -11,7 +11,7 @@ import tomllib
 import pytest
 from conftest import REPO
 
-from bnsurgery.harness import runtime
+from bnsurgery.runtime import installation as runtime
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 FLAVOURS = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"}
@@ -50,7 +50,7 @@ def _without_onnxruntime(*args: str) -> subprocess.CompletedProcess[str]:
     """The CLI in a process where `import onnxruntime` fails, as in an environment without it."""
     code = (
         "import sys; sys.modules['onnxruntime'] = None\n"
-        "from bnsurgery.cli import main\n"
+        "from bnsurgery.cli.main import main\n"
         "raise SystemExit(main(sys.argv[1:]))"
     )
     return subprocess.run(

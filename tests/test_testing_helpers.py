@@ -1,4 +1,4 @@
-"""bnsurgery.testing: the assertions a project puts in its own CI tests."""
+"""bnsurgery.integrations.testing: the assertions a project puts in its own CI tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import models as M
 import pytest
 from conftest import SAMPLES
 
-from bnsurgery.testing import HEALTH_CHECKS, assert_bn_healthy, assert_fold_equivalent
+from bnsurgery.integrations.testing import HEALTH_CHECKS, assert_bn_healthy, assert_fold_equivalent
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp", "resnet_small"])
@@ -43,7 +43,7 @@ def test_fold_equivalence_fails_on_a_wrong_fold(monkeypatch):
     import numpy as np
     import onnx
 
-    from bnsurgery.passes.fold import FoldPass
+    from bnsurgery.passes.fold.rewrite import FoldPass
 
     real = FoldPass.__call__
 

@@ -14,8 +14,8 @@ from conftest import SAMPLES, sha256
 from onnx import helper
 
 import bnsurgery
-from bnsurgery.checks import builtin_checks
-from bnsurgery.validate import ValidationFailed, validate
+from bnsurgery.validation.checks import builtin_checks
+from bnsurgery.validation.gate import ValidationFailed, validate
 
 CHECK_IDS = [
     "onnx-checker",
@@ -303,7 +303,7 @@ def test_not_folded_passes_a_folded_model():
 
 
 def test_fold_verification_reports_a_wrong_fold(monkeypatch):
-    from bnsurgery.passes.fold import FoldPass
+    from bnsurgery.passes.fold.rewrite import FoldPass
 
     real = FoldPass.__call__
 

@@ -27,7 +27,9 @@ from bnsurgery.errors import BadInputError
 from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
 from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
 from bnsurgery.harness.noise import rounding_noise_copy
-from bnsurgery.harness.providers import (
+from bnsurgery.harness.sequential import release_free_heap, run_one_at_a_time
+from bnsurgery.harness.stability import StabilityReport
+from bnsurgery.runtime.providers import (
     ProviderConfig,
     SessionInfo,
     alias_of,
@@ -35,9 +37,7 @@ from bnsurgery.harness.providers import (
     parse_providers,
     resolve_alias,
 )
-from bnsurgery.harness.runner import Runner, progress
-from bnsurgery.harness.sequential import release_free_heap, run_one_at_a_time
-from bnsurgery.harness.stability import StabilityReport
+from bnsurgery.runtime.runner import Runner, progress
 
 SCHEMA = "bnsurgery.compare/2"
 
@@ -279,8 +279,8 @@ def compare(
     `allow_fallback`. `provider_options` ({provider: {key: value}} or `EP:KEY=VALUE` strings)
     and `ep_libraries` ({name: path} or `NAME=PATH` strings of plugin EP libraries) are
     options too."""
-    from bnsurgery.harness.isolation import run_isolated
-    from bnsurgery.io import load_model
+    from bnsurgery.onnxio.load import load_model
+    from bnsurgery.runtime.isolation import run_isolated
 
     # weights stay in their files until a session needs them (io's lazy loading): the models'
     # structure is all the checks read, and the child would otherwise hold both in memory
@@ -543,7 +543,7 @@ def compare_models(
 
 def in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every weight in memory (a copy, where some were left in their files)."""
-    from bnsurgery.io import is_lazy, materialize
+    from bnsurgery.onnxio.load import is_lazy, materialize
 
     return materialize(model) if is_lazy(model) else model
 

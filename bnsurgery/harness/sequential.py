@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from bnsurgery.errors import DataError
-from bnsurgery.harness.isolation import _release_free_heap
 from bnsurgery.harness.metrics import ErrorAccumulator
-from bnsurgery.harness.providers import SessionInfo
-from bnsurgery.harness.runner import Runner, progress
+from bnsurgery.runtime.isolation import _release_free_heap
+from bnsurgery.runtime.providers import SessionInfo
+from bnsurgery.runtime.runner import Runner, progress
 
 
 @dataclass

@@ -39,8 +39,8 @@ from bnsurgery.harness.metrics import (
     ErrorMetrics,
     is_classification,
 )
-from bnsurgery.harness.providers import ProviderConfig
-from bnsurgery.harness.runner import Runner, node_outputs, progress
+from bnsurgery.runtime.providers import ProviderConfig
+from bnsurgery.runtime.runner import Runner, node_outputs, progress
 
 NOISE_LEVELS = (0.05, 0.1, 0.25)
 BLUR_KERNEL = np.array([1.0, 2.0, 1.0]) / 4.0

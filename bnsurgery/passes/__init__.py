@@ -116,7 +116,7 @@ class Pipeline:
         import copy
         import time
 
-        from bnsurgery.io import load_model
+        from bnsurgery.onnxio.load import load_model
 
         current = load_model(model)
         original = current
@@ -163,10 +163,10 @@ def register(name: str) -> Callable[[Callable[..., Pass]], Callable[..., Pass]]:
 # Modules whose import registers the built-in passes (a missing one is skipped: passes land
 # one by one).
 BUILTIN_PASS_MODULES = (
-    "bnsurgery.passes.fold",
+    "bnsurgery.passes.fold.rewrite",
     "bnsurgery.passes.insert",
     "bnsurgery.passes.reestimate",
-    "bnsurgery.validate",
+    "bnsurgery.validation.gate",
 )
 
 
@@ -201,7 +201,7 @@ def registry(errors: list[PluginError] | None = None) -> dict[str, Callable[...,
     A plugin whose entry point fails to load is left out; it is appended to `errors` when a list
     is given (`bnsurgery plugins` shows it). A plugin cannot replace a built-in name.
     """
-    from bnsurgery.plugins import load_entry_points
+    from bnsurgery.pipeline.plugins import load_entry_points
 
     load_builtin_passes()
     found = dict(_REGISTRY)

@@ -31,9 +31,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnsurgery.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.errors import BadInputError, UsageError
-from bnsurgery.graph import GraphIndex, NameGenerator, iter_scopes
+from bnsurgery.model.bn import DEFAULT_EPSILON, FLOAT_TYPES
+from bnsurgery.model.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassResult, register
 from bnsurgery.passes.reestimate import (
     MEASURE_OPT_LEVEL,

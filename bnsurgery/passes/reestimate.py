@@ -33,9 +33,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnsurgery.bn import BatchNormView, BnParams, check_param_shapes
 from bnsurgery.errors import BadInputError, DataError, UsageError
-from bnsurgery.graph import (
+from bnsurgery.measure.memory import release_free_heap
+from bnsurgery.model.bn import BatchNormView, BnParams, check_param_shapes
+from bnsurgery.model.graph import (
     GraphIndex,
     NameGenerator,
     default_opset,
@@ -43,8 +44,7 @@ from bnsurgery.graph import (
     node_inputs_with_implicit,
 )
 from bnsurgery.passes import PassResult, register
-from bnsurgery.passes.fold_math import cast_checked
-from bnsurgery.passes.reestimate_memory import release_free_heap
+from bnsurgery.passes.fold.arithmetic import cast_checked
 from bnsurgery.stats import Moments, StatsSet
 
 MODES = ("exact", "batch")
@@ -435,13 +435,13 @@ class Runner:
 
     @property
     def _on_cpu_ep(self) -> bool:
-        from bnsurgery.harness.providers import resolve_alias
+        from bnsurgery.runtime.providers import resolve_alias
 
         return resolve_alias(self.provider) == "CPUExecutionProvider"
 
     @property
     def uses_shared_arena(self) -> bool:
-        """Whether the sessions share one CPU arena (bnsurgery.harness.arena): measured on the
+        """Whether the sessions share one CPU arena (bnsurgery.runtime.arena): measured on the
         CPU EP only, so other EPs keep their per-session arenas."""
         return self.shared_arena and self._on_cpu_ep
 
@@ -452,7 +452,7 @@ class Runner:
         if not self.uses_shared_arena:
             yield
             return
-        from bnsurgery.harness.arena import shared_cpu_arena
+        from bnsurgery.runtime.arena import shared_cpu_arena
 
         with shared_cpu_arena():
             self._in_scope += 1
@@ -470,8 +470,8 @@ class Runner:
     def session(self, model: onnx.ModelProto):
         """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
         with external data."""
-        from bnsurgery.harness.providers import ProviderConfig, create_session
-        from bnsurgery.io import serialize_if_small
+        from bnsurgery.onnxio.load import serialize_if_small
+        from bnsurgery.runtime.providers import ProviderConfig, create_session
 
         # Priority-based order runs each Shape node beside the op it measures. ORT's default
         # order schedules these graph-output leaves last, which keeps every measured activation
@@ -507,7 +507,7 @@ class Runner:
         import tempfile
         from pathlib import Path
 
-        from bnsurgery.harness.providers import create_session
+        from bnsurgery.runtime.providers import create_session
 
         with tempfile.TemporaryDirectory(prefix="bnsurgery-") as folder:
             path = Path(folder) / "part.onnx"
@@ -1392,7 +1392,7 @@ class ReestimatePass:
 
     With `shared_arena` (CPU EP), the measuring sessions allocate from one arena registered
     with ORT's environment, and its free memory is released when measuring ends
-    (bnsurgery.harness.arena). A process that registers its own environment allocator with
+    (bnsurgery.runtime.arena). A process that registers its own environment allocator with
     `onnxruntime.create_and_register_allocator` passes False: ORT keeps one per device.
     """
 
@@ -1422,7 +1422,7 @@ class ReestimatePass:
     ) -> None:
         if engine not in ("local", "ray"):
             raise UsageError(f"unknown engine '{engine}' (expected local or ray)")
-        # engine="ray": bnsurgery.passes.reestimate_ray (ray_options: its RayOptions)
+        # engine="ray": bnsurgery.measure.ray (ray_options: its RayOptions)
         self.engine, self.ray_options = engine, ray_options
         if mode not in MODES:
             raise UsageError(f"unknown mode '{mode}' (expected {' or '.join(MODES)})")
@@ -1528,7 +1528,7 @@ class ReestimatePass:
 
     def _measure(self, work, targets, writer, report) -> dict[str, Moments]:
         if self.engine == "ray":
-            from bnsurgery.passes.reestimate_ray import measure_pass
+            from bnsurgery.measure.ray import measure_pass
 
             return measure_pass(self, work, targets, writer, report)
         with self.runner.scope():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from bnsurgery.checks import Finding
 from bnsurgery.passes import PassResult
+from bnsurgery.validation.checks import Finding
 
 TAG_KEY = "bnsurgery.example.tag"
 

@@ -1,0 +1,98 @@
+"""Options and output shared by `reestimate` and `adapt`: --source, --max-drop, --force,
+--auto, the drift warning and the before/after evidence (passes.adapt_guard, adapt_auto)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnsurgery.cli.main import emit, info, save_and_emit
+from bnsurgery.errors import CheckFailed
+from bnsurgery.passes.adapt_guard import (
+    DEFAULT_MAX_DROP,
+    ENTROPY_RISE,
+    drift,
+    drift_warning,
+    entropy_rise,
+)
+
+
+def guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-drop, --force, --auto."""
+    func = click.option(
+        "--auto",
+        is_flag=True,
+        help="Try plain, source-relative, prior strengths and the first BNs only on a held-out "
+        "part of TARGET (accuracy with labels, else prediction entropy); keep the best.",
+    )(func)
+    func = click.option(
+        "--force", is_flag=True, help="Write the adapted model even when the guard refuses it."
+    )(func)
+    func = click.option(
+        "--max-drop",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_MAX_DROP,
+        show_default=True,
+        help="With labels in DATA: refuse (exit 1) an adaptation that lowers held-out accuracy "
+        "by more than this many points.",
+    )(func)
+    return func
+
+
+def finish(
+    as_json: bool,
+    outcome: Any,
+    reestimate_report: Any,
+    payload: dict[str, Any],
+    text: Callable[[], str],
+    target: Path,
+    force: bool,
+    **extra: Any,
+) -> None:
+    """Add the drift figure and the evidence, warn, then write or refuse (exit 1)."""
+    relative = "source_relative" in (reestimate_report.extras if reestimate_report else {})
+    if reestimate_report is not None and reestimate_report.bns:
+        figure = drift(reestimate_report.bns)
+        evidence = outcome.evidence if outcome is not None else None
+        rise = entropy_rise(
+            getattr(evidence, "entropy_before", None), getattr(evidence, "entropy_after", None)
+        )
+        figure["entropy_rise"] = None if rise is None else round(rise, 4)
+        figure["warn"] = (figure["warn"] or (rise or 0.0) > ENTROPY_RISE) and not relative
+        payload["drift"] = figure
+        if figure["warn"]:
+            info(drift_warning(figure))
+    if outcome is not None:
+        payload.update(outcome.to_dict())
+
+    def full_text() -> str:
+        lines = [text()]
+        if outcome is not None:
+            if outcome.tried:
+                lines.append(f"auto: chose {outcome.chosen}: {outcome.reason}")
+            lines += outcome.evidence.lines()
+        return "\n".join(lines)
+
+    refused = outcome is not None and (outcome.result is None or outcome.evidence.refused)
+    if refused and not (force and outcome.result is not None):
+        payload["output"] = None
+        emit(as_json, payload, full_text)
+        ev = outcome.evidence
+        if outcome.result is None:
+            why = f"--auto found no adaptation better than the original ({outcome.reason})"
+        else:
+            why = (
+                f"adaptation lowers held-out accuracy {ev.accuracy_before:.2f} % -> "
+                f"{ev.accuracy_after:.2f} % (more than --max-drop {ev.max_drop:g} points; "
+                "--force writes it anyway)"
+            )
+        raise CheckFailed(f"{why}; {target} was not written")
+    if refused:
+        outcome.evidence.forced = True
+        payload.update(outcome.to_dict())
+    given = extra.pop("model", None)
+    model = outcome.result.model if outcome is not None else given
+    save_and_emit(as_json, model, target, payload, full_text, **extra)

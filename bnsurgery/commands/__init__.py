@@ -1,1 +1,0 @@
-"""One module per CLI command; each parses, calls the API and renders (see bnsurgery.cli)."""
