@@ -1,4 +1,13 @@
-"""Error types of bnsurgery, each carrying the CLI exit code it maps to (DESIGN.md §2)."""
+"""Error types of bnsurgery, each carrying the CLI exit code it maps to (docs/design.md).
+
+A library error speaks of the parameter at fault, never of a command-line flag: it is raised as
+
+    BadInputError("{option} must be within [0, 1], got 2", option="prior")
+
+`str(error)` reads "prior must be within [0, 1], got 2" (the Python parameter), and the CLI
+renders the same error with its flag, "--prior must be within [0, 1], got 2"
+(`error.render("--prior")`). Tests assert on `error.option`, not on the wording.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +20,27 @@ EXIT_ENVIRONMENT = 3
 
 
 class BnSurgeryError(Exception):
-    """Base class: a failure the user should see as one clear line, never a traceback."""
+    """Base class: a failure the user should see as one clear line, never a traceback.
+
+    `option` names the parameter at fault (a keyword of the Python API, e.g. "prior",
+    "shapes"), or is None; `{option}` in the message stands for it, so each front end names it
+    in its own terms (`render`)."""
 
     exit_code: int = EXIT_BAD_INPUT
+
+    def __init__(self, message: str = "", *args: object, option: str | None = None) -> None:
+        self.template = message
+        self.option = option
+        super().__init__(self.render(option), *args)
+
+    def render(self, option_label: str | None = None) -> str:
+        """The message with `{option}` spelled as `option_label` (the parameter by default)."""
+        label = option_label or self.option
+        return self.template.replace("{option}", label) if label else self.template
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Errors cross the isolated child's pipe; the keyword-only option must travel too.
+        return _rebuild, (type(self), self.args, self.__dict__)
 
 
 class BadInputError(BnSurgeryError):
@@ -87,6 +114,13 @@ class CheckFailed(BnSurgeryError):
     """A check ran and failed: verification mismatch, compare beyond tolerance, validate errors."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+def _rebuild(kind: type[BnSurgeryError], args: tuple, state: dict) -> BnSurgeryError:
+    error = kind.__new__(kind)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 def is_onnxruntime_error(exc: BaseException) -> bool:

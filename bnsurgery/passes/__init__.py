@@ -1,42 +1,25 @@
-"""The pass protocol: a pass takes a model and returns a PassResult (a model and its report).
+"""Passes: rewrites of a whole model, each returning a PassResult (a model and its report).
 
-A pass never mutates the model it is given unless it declares `in_place = True`. Passes are
-registered by name, so pipelines (and third parties, through the entry-point group
-`bnsurgery.passes`) can name them.
+The contract every pass follows is in passes.base (PassBase: `in_place`, `changes_input`,
+`requires`/`ensures`). Passes are registered by name, so pipelines (and third parties, through
+the entry-point group `bnsurgery.passes`) can name them; `Pipeline` composes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
-if TYPE_CHECKING:  # kept out of `import bnsurgery`: onnx loads in ~0.4 s
-    import onnx
-
-
-@runtime_checkable
-class Report(Protocol):
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class PassResult:
-    """What a pass produced: the rewritten model and a report of what it did."""
-
-    model: onnx.ModelProto
-    report: Report
-    modified: bool = True
-
-
-@runtime_checkable
-class Pass(Protocol):
-    """A rewrite of a whole model. `name` is its registry key; `in_place` its mutation contract."""
-
-    name: str
-    in_place: bool
-
-    def __call__(self, model: onnx.ModelProto) -> PassResult: ...
+from bnsurgery.passes.base import (
+    AnalysisPass,
+    Pass,
+    PassBase,
+    PassContractError,
+    PassResult,
+    Report,
+    changes_input,
+)
 
 
 @dataclass
@@ -103,8 +86,10 @@ class Pipeline:
     """Passes run in order, each on the previous one's model; every step's report is kept.
 
     Accepts a path, bytes, an onnx.ModelProto or an onnx_ir.Model. Never mutates its input:
-    an in-place pass that would run on the caller's model gets a copy. A step whose report has
-    `ok == False` (a failing validate step) stops the pipeline; the result's report says where.
+    a pass that would change the caller's model (`changes_input`) gets a copy. A composition
+    rather than a PassBase: it may return its input unchanged (a first step that stops it).
+    A step whose report has `ok == False` (a failing validate step) stops the pipeline; the
+    result's report says where.
     """
 
     passes: Sequence[Pass]
@@ -123,7 +108,7 @@ class Pipeline:
         report = PipelineReport(planned=len(self.passes))
         modified = False
         for i, step in enumerate(self.passes):
-            if getattr(step, "in_place", False) and current is original:
+            if changes_input(step) and current is original:
                 current = copy.deepcopy(current)
             start = time.perf_counter()
             result = step(current)
@@ -217,3 +202,19 @@ def make_pass(name: str, **options: Any) -> Pass:
     if name not in passes:
         raise KeyError(f"unknown pass '{name}' (known: {', '.join(sorted(passes))})")
     return passes[name](**options)
+
+
+__all__ = [
+    "AnalysisPass",
+    "Pass",
+    "PassBase",
+    "PassContractError",
+    "PassResult",
+    "Pipeline",
+    "PipelineReport",
+    "Report",
+    "StepRecord",
+    "make_pass",
+    "register",
+    "registry",
+]

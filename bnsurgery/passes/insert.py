@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 from bnsurgery.errors import BadInputError, UsageError
 from bnsurgery.model.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.model.graph import GraphIndex, NameGenerator, iter_scopes
-from bnsurgery.passes import PassResult, register
+from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.reestimate import (
     MEASURE_OPT_LEVEL,
     BnChange,
@@ -105,7 +105,7 @@ class _Candidate:
 
 
 @register("insert")
-class InsertPass:
+class InsertPass(PassBase):
     """Insert identity BatchNormalization nodes; never in place."""
 
     name = "insert"
@@ -127,7 +127,7 @@ class InsertPass:
         self.epsilon = float(epsilon)
         self.include_outputs = include_outputs
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
         work = onnx.ModelProto()
         work.CopyFrom(model)

@@ -43,7 +43,7 @@ from bnsurgery.model.graph import (
     iter_scopes,
     node_inputs_with_implicit,
 )
-from bnsurgery.passes import PassResult, register
+from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.fold.arithmetic import cast_checked
 from bnsurgery.stats import Moments, StatsSet
 
@@ -1387,7 +1387,7 @@ class ReestimateReport:
 
 
 @register("reestimate")
-class ReestimatePass:
+class ReestimatePass(PassBase):
     """Re-estimate BN statistics on DATA (or apply saved statistics); never in place.
 
     With `shared_arena` (CPU EP), the measuring sessions allocate from one arena registered
@@ -1444,7 +1444,7 @@ class ReestimatePass:
         self._source: StatsSet | None = None  # the source moments, once known
         self._written: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
         work = onnx.ModelProto()
         work.CopyFrom(model)

@@ -34,6 +34,7 @@ from typing import Any
 
 from bnsurgery.errors import EXIT_BAD_INPUT, BadInputError, BnSurgeryError
 from bnsurgery.passes import Pass, PassResult, Pipeline, PluginError, registry
+from bnsurgery.passes.base import changes_input
 
 TOP_LEVEL_KEYS = ("name", "description", "step")
 SCHEMA = "bnsurgery.run/1"
@@ -430,6 +431,7 @@ class _Guard:
         self.path = path
         self.name = getattr(inner, "name", step.pass_name)
         self.in_place = getattr(inner, "in_place", False)
+        self.changes_input = changes_input(inner)
 
     def __call__(self, model: Any) -> PassResult:
         where = f"{_where(self.path, self.step.line)}: step {self.step.index + 1} ({self.name})"

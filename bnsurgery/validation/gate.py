@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnsurgery.errors import BadInputError, BnSurgeryError, CheckFailed, EnvironmentProblem
-from bnsurgery.passes import PassResult, register
+from bnsurgery.passes import AnalysisPass, PassResult, register
 from bnsurgery.validation.checks import (
     RANK,
     SEVERITIES,
@@ -372,14 +372,13 @@ def _run_one(runnable: _Runnable, ctx: ValidationContext, findings: list[Finding
 
 
 @register("validate")
-class ValidatePass:
+class ValidatePass(AnalysisPass):
     """Validate the model (bnsurgery validate) as a pipeline step; the model is unchanged.
 
     The step's report is the ValidationReport; a pipeline stops at a step whose report is not
     ok (findings at or above fail_on)."""
 
     name = "validate"
-    in_place = False  # never modifies the model (it returns the same object, unchanged)
 
     def __init__(
         self,
@@ -404,6 +403,6 @@ class ValidatePass:
             allow_fallback=allow_fallback,
         )  # fmt: skip
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         report = validate(model, **self.options)
         return PassResult(model, report, modified=False)

@@ -28,7 +28,7 @@ from bnsurgery.model.bn import (
     statistics_problem,
 )
 from bnsurgery.model.graph import FOLDABLE_OPS, GraphIndex, NameGenerator, Scope, iter_scopes
-from bnsurgery.passes import PassResult, register
+from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.fold import arithmetic as fm
 from bnsurgery.passes.fold.layout import LAYOUT_OPS, LayoutError, LayoutStep, channel_map
 from bnsurgery.passes.fold.report import AffineFold, BnDecision, FoldReport, bn_label
@@ -113,7 +113,7 @@ def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
 
 
 @register("fold")
-class FoldPass:
+class FoldPass(PassBase):
     """Fold BNs and per-channel affines into linear ops.
 
     Returns a new model, unless constructed with in_place=True: then the given model is rewritten
@@ -121,16 +121,19 @@ class FoldPass:
     """
 
     name = "fold"
-    in_place = False
 
     def __init__(
         self, *, backward: bool = True, affine: bool = True, in_place: bool = False
     ) -> None:
         self.backward = backward
         self.affine = affine
-        self.in_place = in_place
+        self._in_place = in_place
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    @property
+    def in_place(self) -> bool:
+        return self._in_place
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
         # In place, `original` is the model being rewritten: it is only read for tensor ranks,
         # which folding never changes (every name keeps its meaning and its rank).
