@@ -26,21 +26,21 @@ if TYPE_CHECKING:
     import onnx
 
     from bnsurgery.harness.compare import CompareReport
-    from bnsurgery.onnxio.load import ModelSource
+    from bnsurgery.onnxio import ModelSource
     from bnsurgery.passes import PassResult
     from bnsurgery.passes.fold.rewrite import FoldReport
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ModelProto, with its external data."""
-    from bnsurgery.onnxio.load import load_model as _load
+    from bnsurgery.onnxio import load_model as _load
 
     return _load(source, check=check)
 
 
 def save_model(model: onnx.ModelProto, path: Any, *, external_data: bool | None = None) -> Any:
     """Write a model atomically (external data beside it when over 2 GB or when asked)."""
-    from bnsurgery.onnxio.load import save_model as _save
+    from bnsurgery.onnxio import save_model as _save
 
     return _save(model, path, external_data=external_data)
 

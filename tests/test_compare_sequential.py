@@ -121,7 +121,7 @@ def test_no_note_when_the_outputs_fail_too(cli, tmp_path):
 def test_the_noise_copy_of_a_lazily_loaded_model_is_the_same_as_of_the_loaded_one():
     from bnsurgery.harness.compare import in_memory
     from bnsurgery.harness.noise import rounding_noise_copy
-    from bnsurgery.onnxio.load import is_lazy, load_model
+    from bnsurgery.onnxio import is_lazy, load_model
 
     path = SAMPLES / "resnet_small.onnx"
     lazy = load_model(path, external_data="lazy")

@@ -1,4 +1,4 @@
-"""onnxio.load: loading from paths and bytes, safe external data, atomic saving, OUT rules."""
+"""onnxio: loading from paths and bytes, safe external data, atomic saving."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import onnx
 import pytest
 from conftest import sha256
 
-from bnsurgery.errors import EXIT_BAD_INPUT, BadInputError, UnsafePathError, UsageError
-from bnsurgery.onnxio import load as io
+from bnsurgery import onnxio as io
+from bnsurgery.errors import EXIT_BAD_INPUT, BadInputError, UnsafePathError
+from bnsurgery.onnxio import load as onnxio_load
 
 
 def listing(folder: Path) -> list[str]:
@@ -120,12 +121,12 @@ def test_check_false_skips_the_checker() -> None:
 
 def test_large_model_check_goes_through_a_file(monkeypatch) -> None:
     """Past the protobuf limit the checker needs a path; a valid model still passes."""
-    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(onnxio_load, "EXTERNAL_DATA_THRESHOLD", 100)
     io.check_model(m.conv_bn(cin=8, cout=16))
 
 
 def test_large_invalid_model_still_fails_the_check(monkeypatch) -> None:
-    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(onnxio_load, "EXTERNAL_DATA_THRESHOLD", 100)
     with pytest.raises(BadInputError):
         io.check_model(m.checker_failing())
 
@@ -270,7 +271,7 @@ def test_save_with_external_data_does_not_mutate_the_model(tmp_path) -> None:
 
 def test_save_with_external_data_over_the_threshold(tmp_path, monkeypatch) -> None:
     """Over the size threshold (2 GB in real life) external data is chosen automatically."""
-    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(onnxio_load, "EXTERNAL_DATA_THRESHOLD", 1000)
     io.save_model(m.conv_bn(cin=8, cout=16), tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").is_file()
 
@@ -293,7 +294,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch) -> None:
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(BadInputError):
         io.save_model(m.conv_bn(), target)
     assert target.read_bytes() == b"previous content"
@@ -303,7 +304,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(BadInputError):
         io.save_model(m.conv_bn(), tmp_path / "out.onnx")
     assert listing(tmp_path) == []
@@ -313,48 +314,85 @@ def test_failed_external_write_leaves_nothing_behind(tmp_path, monkeypatch) -> N
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.onnx, "save_model", broken_save)
+    monkeypatch.setattr(onnx, "save_model", broken_save)
     with pytest.raises(BadInputError):
         io.save_model(m.conv_bn(cin=8, cout=16), tmp_path / "out.onnx", external_data=True)
     assert listing(tmp_path) == []
 
 
-# -- output path rules --------------------------------------------------------------------------
-def test_default_output_is_stem_command_onnx(tmp_path) -> None:
-    assert (
-        io.resolve_output_path(tmp_path / "net.onnx", None, "folded")
-        == tmp_path / "net.folded.onnx"
-    )
+# -- atomic_write: one file, all or nothing -------------------------------------------------------
+def test_atomic_write_writes_the_file_and_nothing_else(tmp_path) -> None:
+    target = tmp_path / "report.html"
+    assert io.atomic_write(target, lambda fh: fh.write(b"<html>")) == target
+    assert target.read_bytes() == b"<html>"
+    assert listing(tmp_path) == ["report.html"]
 
 
-def test_output_equal_to_model_is_refused(tmp_path) -> None:
-    with pytest.raises(UsageError):
-        io.resolve_output_path(tmp_path / "net.onnx", tmp_path / "net.onnx", "folded")
+def test_atomic_write_replaces_only_once_the_writer_is_done(tmp_path) -> None:
+    target = tmp_path / "report.html"
+    target.write_bytes(b"old")
+    seen = []
+
+    def write(fh) -> None:
+        fh.write(b"new")
+        seen.append(target.read_bytes())  # the target, while the new file is being written
+
+    io.atomic_write(target, write)
+    assert seen == [b"old"] and target.read_bytes() == b"new"
 
 
-def test_output_equal_to_model_through_dotdot_is_refused(tmp_path) -> None:
-    (tmp_path / "sub").mkdir()
-    with pytest.raises(UsageError):
-        io.resolve_output_path(tmp_path / "net.onnx", tmp_path / "sub" / ".." / "net.onnx", "f")
+@pytest.mark.parametrize("failure", [ValueError("bug in the writer"), KeyboardInterrupt()])
+def test_atomic_write_a_failing_writer_leaves_the_target_unchanged(tmp_path, failure) -> None:
+    target = tmp_path / "report.html"
+    target.write_bytes(b"previous content")
+
+    def write(fh) -> None:
+        fh.write(b"half a page")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        io.atomic_write(target, write)
+    assert target.read_bytes() == b"previous content"
+    assert listing(tmp_path) == ["report.html"]
 
 
-def test_output_hardlinked_to_model_is_refused(tmp_path) -> None:
-    (tmp_path / "net.onnx").write_bytes(b"x")
-    os.link(tmp_path / "net.onnx", tmp_path / "other.onnx")
-    with pytest.raises(UsageError):
-        io.resolve_output_path(tmp_path / "net.onnx", tmp_path / "other.onnx", "folded")
+def test_atomic_write_a_full_disk_is_bad_input_and_leaves_no_partial_file(tmp_path) -> None:
+    def write(fh) -> None:
+        fh.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(BadInputError, match="No space left on device") as exc:
+        io.atomic_write(tmp_path / "report.html", write)
+    assert exc.value.option is None and str(tmp_path / "report.html") in str(exc.value)
+    assert listing(tmp_path) == []
 
 
-def test_in_place_returns_the_model_path(tmp_path) -> None:
-    got = io.resolve_output_path(tmp_path / "net.onnx", None, "folded", in_place=True)
-    assert got == tmp_path / "net.onnx"
+def test_atomic_write_a_failed_rename_keeps_the_previous_file(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "report.html"
+    target.write_bytes(b"previous content")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(BadInputError):
+        io.atomic_write(target, lambda fh: fh.write(b"new"))
+    assert target.read_bytes() == b"previous content"
+    assert listing(tmp_path) == ["report.html"]
 
 
-def test_in_place_with_another_output_is_refused(tmp_path) -> None:
-    with pytest.raises(UsageError):
-        io.resolve_output_path(tmp_path / "net.onnx", tmp_path / "o.onnx", "folded", in_place=True)
+def test_atomic_write_names_the_option_that_gave_the_path(tmp_path) -> None:
+    target = tmp_path / "nowhere" / "report.html"
+    with pytest.raises(BadInputError) as exc:
+        io.atomic_write(target, lambda fh: fh.write(b"x"), option="report")
+    assert exc.value.option == "report"
+    assert str(exc.value).startswith(f"report {target}: output folder ")
+    assert exc.value.render("--report").startswith(f"--report {target}: ")
 
 
-def test_no_model_path_needs_an_output() -> None:
-    with pytest.raises(UsageError):
-        io.resolve_output_path(None, None, "folded")
+def test_atomic_write_gives_the_file_the_usual_permissions(tmp_path) -> None:
+    """Staged in a private folder, the file itself is created as an ordinary open() would."""
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"x")
+    written = io.atomic_write(tmp_path / "written", lambda fh: fh.write(b"x"))
+    assert written.stat().st_mode == ordinary.stat().st_mode

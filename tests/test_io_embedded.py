@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from bnsurgery import onnxio as io
 from bnsurgery.errors import BadInputError
-from bnsurgery.onnxio import load as io
+from bnsurgery.onnxio import load as onnxio_load
 from bnsurgery.onnxio import wire
 from bnsurgery.passes.fold.rewrite import FoldPass
 
@@ -30,7 +31,7 @@ SAMPLE_NAMES = ["digits_cnn.onnx", "digits_cnn_nobn.onnx", "digits_mlp.onnx", "r
 @pytest.fixture
 def cut_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every initializer of a plain type with data is left in the file (not only >= 64 KiB)."""
-    monkeypatch.setattr(io, "EMBEDDED_LAZY_MIN_BYTES", 1)
+    monkeypatch.setattr(onnxio_load, "EMBEDDED_LAZY_MIN_BYTES", 1)
 
 
 def write(model: onnx.ModelProto, path: Path) -> Path:

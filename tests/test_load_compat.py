@@ -17,7 +17,7 @@ from ort_fusion_models import fuse_conv_bn_mul_add_unsqueeze, fuse_conv_bn_no_bi
 
 import bnsurgery
 from bnsurgery.errors import BadInputError
-from bnsurgery.onnxio.load import load_model
+from bnsurgery.onnxio import load_model
 
 
 def _refused_by_checker(model: onnx.ModelProto) -> str:

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import helper
 
+from bnsurgery import onnxio as io
 from bnsurgery.errors import BadInputError
-from bnsurgery.onnxio import load as io
 from bnsurgery.onnxio.proto_text import first_non_text_name
 
 MARK = "QZQZ"  # a placeholder name, replaced by non-UTF-8 bytes of the same length

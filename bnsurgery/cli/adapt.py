@@ -19,10 +19,11 @@ from bnsurgery.cli.main import (
     provider_option,
     shape_option,
 )
+from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.onnxio.load import load_model, resolve_output_path
+from bnsurgery.onnxio import load_model
 from bnsurgery.passes.reestimate import MIN_SAMPLES, MODES
 
 EXAMPLE = """\b

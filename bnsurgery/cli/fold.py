@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from bnsurgery.cli.main import emit, in_place_option, json_option, output_option
+from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.harness.metrics import ratio_text
-from bnsurgery.onnxio.load import load_model, resolve_output_path
+from bnsurgery.onnxio import load_model
 from bnsurgery.passes.fold.report import FoldReport
 from bnsurgery.passes.fold.rewrite import FoldPass
 from bnsurgery.passes.fold.streamed import fold_file_checked

@@ -20,10 +20,11 @@ from bnsurgery.cli.main import (
     save_and_emit,
     shape_option,
 )
+from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.reestimate import measure_opt_level_option
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.harness.report import text_table
-from bnsurgery.onnxio.load import load_model, resolve_output_path
+from bnsurgery.onnxio import load_model
 from bnsurgery.passes.insert import DEFAULT_AFTER
 from bnsurgery.passes.reestimate import MIN_SAMPLES
 

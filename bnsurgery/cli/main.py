@@ -209,7 +209,7 @@ def save_and_emit(
 ) -> None:
     """The tail of a command that writes a model: save MODEL to TARGET, add "output" (then
     EXTRA) to the payload and print it; the text ends with `wrote OUT`."""
-    from bnsurgery.onnxio.load import save_model
+    from bnsurgery.onnxio import save_model
 
     written = save_model(model, target)
     payload["output"] = str(written)

@@ -22,10 +22,11 @@ from bnsurgery.cli.main import (
     provider_option,
     shape_option,
 )
+from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
 from bnsurgery.harness.report import text_table
-from bnsurgery.onnxio.load import load_model, resolve_output_path
+from bnsurgery.onnxio import load_model
 from bnsurgery.passes.adapt_auto import guarded
 from bnsurgery.passes.reestimate import (
     DEFAULT_MEMORY_BUDGET,

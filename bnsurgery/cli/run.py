@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from bnsurgery.cli.main import emit, in_place_option, json_option, output_option
+from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.errors import CheckFailed, UsageError
-from bnsurgery.onnxio.load import resolve_output_path, save_model
+from bnsurgery.onnxio import save_model
 from bnsurgery.passes import PipelineReport
 from bnsurgery.pipeline.config import SCHEMA, PipelineSpec, load_pipeline, run_pipeline
 

@@ -279,7 +279,7 @@ def compare(
     `allow_fallback`. `provider_options` ({provider: {key: value}} or `EP:KEY=VALUE` strings)
     and `ep_libraries` ({name: path} or `NAME=PATH` strings of plugin EP libraries) are
     options too."""
-    from bnsurgery.onnxio.load import load_model
+    from bnsurgery.onnxio import load_model
     from bnsurgery.runtime.isolation import run_isolated
 
     # weights stay in their files until a session needs them (io's lazy loading): the models'
@@ -543,7 +543,7 @@ def compare_models(
 
 def in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every weight in memory (a copy, where some were left in their files)."""
-    from bnsurgery.onnxio.load import is_lazy, materialize
+    from bnsurgery.onnxio import is_lazy, materialize
 
     return materialize(model) if is_lazy(model) else model
 

@@ -84,7 +84,7 @@ def _value_only_names(model: onnx.ModelProto) -> set[str]:
 def _perturbed(tensor: onnx.TensorProto, rng: np.random.Generator) -> onnx.TensorProto | None:
     if tensor.data_type not in _FLOAT_TYPES and tensor.data_type != onnx.TensorProto.BFLOAT16:
         return None
-    from bnsurgery.onnxio.load import lazy_source, tensor_to_array
+    from bnsurgery.onnxio import lazy_source, tensor_to_array
 
     lazy = lazy_source(tensor) is not None  # left in its file by io's lazy loading: read it
     if (

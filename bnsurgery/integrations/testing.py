@@ -81,7 +81,7 @@ def assert_fold_equivalent(
     original's rounding noise (docs/verification.md). atol/rtol: judge by allclose instead.
     expect_folded: also assert exactly this many BNs were folded.
     """
-    from bnsurgery.onnxio.load import load_model
+    from bnsurgery.onnxio import load_model
     from bnsurgery.passes.fold.rewrite import FoldPass
     from bnsurgery.passes.verify import failure_text, verify_equivalent
 

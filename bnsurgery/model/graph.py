@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnsurgery.onnxio.load import tensor_to_array
+from bnsurgery.onnxio import tensor_to_array
 
 # Ops evaluated at rewrite time when all their inputs are constant (exporters emit these to
 # build weights and shapes). Anything else with constant inputs stays a runtime op.

@@ -101,7 +101,7 @@ class Pipeline:
         import copy
         import time
 
-        from bnsurgery.onnxio.load import load_model
+        from bnsurgery.onnxio import load_model
 
         current = load_model(model)
         original = current

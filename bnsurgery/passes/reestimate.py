@@ -470,7 +470,7 @@ class Runner:
     def session(self, model: onnx.ModelProto):
         """A session for `model`; past protobuf's 2 GB limit it goes through a temporary file
         with external data."""
-        from bnsurgery.onnxio.load import serialize_if_small
+        from bnsurgery.onnxio import serialize_if_small
         from bnsurgery.runtime.providers import ProviderConfig, create_session
 
         # Priority-based order runs each Shape node beside the op it measures. ORT's default

@@ -416,7 +416,7 @@ class _NamedSteps:
         self.spec = spec
 
     def __call__(self, model: Any) -> PassResult:
-        from bnsurgery.onnxio.load import load_model
+        from bnsurgery.onnxio import load_model
 
         current = load_model(model)
         wrapped = [_Guard(p, s, self.spec.path) for p, s in zip(

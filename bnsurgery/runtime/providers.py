@@ -380,7 +380,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
     if isinstance(model, onnx.ModelProto):
-        from bnsurgery.onnxio.load import is_lazy, materialize
+        from bnsurgery.onnxio import is_lazy, materialize
 
         # weights left in their files (io's lazy loading) are read now, into a copy that is
         # gone once serialized

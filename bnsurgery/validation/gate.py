@@ -282,7 +282,7 @@ def validate(
     {name: path} or `NAME=PATH` strings of plugin EP libraries to register; allow_fallback:
     run parity even where a provider is missing or leaves nodes to another (said loudly).
     """
-    from bnsurgery.onnxio.load import load_model
+    from bnsurgery.onnxio import load_model
     from bnsurgery.runtime.providers import OPT_LEVELS, parse_provider_options, parse_providers
     from bnsurgery.validation.checks.context import ValidationContext
 

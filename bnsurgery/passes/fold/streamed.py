@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bnsurgery.errors import CheckFailed
-from bnsurgery.onnxio.load import has_external_files, is_lazy, load_model, materialize, save_model
+from bnsurgery.onnxio import has_external_files, is_lazy, load_model, materialize, save_model
 from bnsurgery.passes import PassResult
 from bnsurgery.passes.fold.report import FoldReport
 from bnsurgery.passes.fold.rewrite import FoldPass

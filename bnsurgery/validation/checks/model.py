@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from bnsurgery.errors import BadInputError
-from bnsurgery.onnxio.load import EXTERNAL_DATA_THRESHOLD, check_model
+from bnsurgery.onnxio import EXTERNAL_DATA_THRESHOLD, check_model
 from bnsurgery.validation.checks import Finding, check
 from bnsurgery.validation.checks.context import ValidationContext
 
