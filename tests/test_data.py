@@ -1,4 +1,4 @@
-"""DATA sources (DESIGN.md §3): every kind, batching, and the checks against the model's inputs."""
+"""DATA sources (docs/design.md): every kind, batching, the checks against the model's inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import pytest
 from models import F32, I64, make, vi
 from onnx import helper
 
-from bnsurgery.data import load_data, parse_shape_overrides, random_batches
+from bnsurgery.data import (
+    Batch,
+    InputSpec,
+    batch_size_for,
+    load_data,
+    parse_shape_overrides,
+    random_batches,
+    rebatch,
+)
 from bnsurgery.errors import BadInputError, DataError
 
 
@@ -189,13 +197,15 @@ def test_wrong_rank(tmp_path: Path):
 
 def test_labels_key_that_does_not_exist(tmp_path: Path):
     np.savez(tmp_path / "d.npz", x=images(2), label=np.zeros(2, np.int64))
-    with pytest.raises(DataError, match=r"labels key 'target' not found"):
+    with pytest.raises(DataError, match=r"labels key 'target' not found") as exc:
         load_data(tmp_path / "d.npz", single_input(), labels_key="target")
+    assert exc.value.option == "labels_key"
 
 
 def test_labels_key_with_random_data():
-    with pytest.raises(DataError, match=r"labels key 'label' not found: random data"):
+    with pytest.raises(DataError, match=r"labels key 'label' not found: random data") as exc:
         load_data("random:4", single_input(), labels_key="label")
+    assert exc.value.option == "labels_key"
 
 
 def test_labels_of_the_wrong_length(tmp_path: Path):
@@ -234,16 +244,21 @@ def test_folder_with_labels_in_some_files_only(tmp_path: Path):
 
 
 def test_missing_path_empty_folder_and_unknown_kind(tmp_path: Path):
-    with pytest.raises(DataError, match="no such file"):
-        load_data(tmp_path / "nope.npz", single_input())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no \.npz or \.npy"):
-        load_data(tmp_path / "empty", single_input())
     (tmp_path / "d.csv").write_text("1,2")
-    with pytest.raises(DataError, match="unknown kind"):
-        load_data(tmp_path / "d.csv", single_input())
-    with pytest.raises(DataError, match="random:N"):
-        load_data("random:abc", single_input())
+    for spec, message in [
+        (tmp_path / "nope.npz", "no such file"),
+        (tmp_path / "empty", r"no \.npz or \.npy"),
+        (tmp_path / "d.csv", "unknown kind"),
+        ("random:abc", "random:N with an integer N"),
+        ("random:0", "random:N needs N >= 1"),
+    ]:
+        with pytest.raises(DataError, match=message) as exc:
+            load_data(spec, single_input())
+        assert exc.value.option == "data", spec
+    with pytest.raises(BadInputError, match="cannot use float as DATA") as exc:
+        load_data(1.5, single_input())
+    assert exc.value.option == "data"
 
 
 def test_integer_input_dtype_is_checked_too(tmp_path: Path):
@@ -257,6 +272,88 @@ def test_integer_input_dtype_is_checked_too(tmp_path: Path):
         load_data(tmp_path / "d.npy", model)
 
 
-def test_bad_shape_override_is_bad_input():
-    with pytest.raises(BadInputError, match="NAME:DxDxD"):
-        parse_shape_overrides(["x=1x3"])
+@pytest.mark.parametrize("spec", ["x=1x3", "x:1x0", ":1x3", "x:1xa"])
+def test_bad_shape_override_is_bad_input(spec):
+    with pytest.raises(BadInputError, match="NAME:DxDxD") as exc:
+        parse_shape_overrides([spec])
+    assert exc.value.option == "shapes"
+    assert str(exc.value) == f"bad shapes '{spec}': expected NAME:DxDxD"
+    assert exc.value.render("--shape") == f"bad --shape '{spec}': expected NAME:DxDxD"
+
+
+def test_shape_override_names_the_input_and_keeps_the_batch_axis_free():
+    assert parse_shape_overrides(["a:b:2x3", "x:1X3"]) == {"a:b": [2, 3], "x": [1, 3]}
+    assert parse_shape_overrides(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ({"nope": [1, 3, 4, 4]}, "names unknown input(s): nope"),
+        ({"x": [1, 3, 4]}, "x: rank 3, the model says float32 [?x3x?x?]"),
+        ({"x": [1, 2, 4, 4]}, "x: axis 1 is 2, the model says 3"),
+    ],
+)
+def test_a_shape_override_that_does_not_fit_names_the_shapes(shapes, message):
+    with pytest.raises(DataError) as exc:
+        load_data("random:2", single_input(("N", 3, "H", "W")), shapes=shapes)
+    assert exc.value.option == "shapes"
+    assert str(exc.value) == f"shapes {message}"
+
+
+def test_random_batches_refuses_an_override_of_an_unknown_input():
+    with pytest.raises(DataError) as exc:
+        list(random_batches(single_input(), 2, shapes={"nope": [1, 3, 4, 4]}))
+    assert exc.value.option == "shapes"
+
+
+def test_batch_size_must_be_positive_and_fit_a_static_batch():
+    with pytest.raises(BadInputError, match="must be >= 1, got 0") as exc:
+        load_data("random:4", single_input(), batch_size=0)
+    assert exc.value.option == "batch_size"
+    with pytest.raises(BadInputError, match="3 conflicts with the model's static batch") as exc:
+        load_data("random:4", single_input((2, 3, 4, 4)), batch_size=3)
+    assert exc.value.option == "batch_size"
+
+
+def chunk(start: int, n: int, labels: bool = True) -> Batch:
+    """n samples numbered from start, a shared rank-0 flag, and labels equal to the numbers."""
+    numbers = np.arange(start, start + n)
+    feeds = {"x": numbers.astype(np.float32)[:, None], "flag": np.array(True)}
+    return Batch(feeds, numbers if labels else None)
+
+
+def test_rebatch_cuts_and_joins_chunks_keeping_samples_in_order():
+    batches = list(rebatch(iter([chunk(0, 3), chunk(3, 1), chunk(4, 4)]), 3))
+    assert [b.size for b in batches] == [3, 3, 2]
+    for i, batch in enumerate(batches):
+        np.testing.assert_array_equal(batch.feeds["x"][:, 0], batch.labels)
+        assert batch.labels[0] == 3 * i and batch.feeds["flag"].ndim == 0  # the flag is shared
+
+
+def test_rebatch_drops_labels_unless_every_chunk_has_them():
+    (batch,) = rebatch(iter([chunk(0, 1), chunk(1, 1, labels=False)]), 2)
+    assert batch.size == 2 and batch.labels is None
+
+
+def test_rebatch_without_a_size_keeps_the_chunks_and_skips_empty_ones():
+    empty = Batch({"x": np.zeros((0, 1), np.float32)})
+    assert [b.size for b in rebatch(iter([chunk(0, 3), empty, chunk(3, 2)]), None)] == [3, 2]
+
+
+def spec(name: str, *dims: int | None) -> InputSpec:
+    return InputSpec(name, np.dtype(np.float32), dims)
+
+
+def test_batch_size_for_prefers_the_static_batch_then_the_request_then_the_default():
+    assert batch_size_for([spec("x", 8, 3)], None) == 8
+    assert batch_size_for([spec("x", 8, 3)], 8) == 8
+    assert batch_size_for([spec("x", None, 3)], 5) == 5
+    assert batch_size_for([spec("x", None, 3)], None, default=7) == 7
+
+
+def test_batch_size_for_inputs_of_different_static_batches():
+    specs = [spec("x", 8, 3), spec("scale", 3)]
+    with pytest.raises(DataError, match="different static batch dimensions"):
+        batch_size_for(specs, None)
+    assert batch_size_for(specs, None, fixed_shapes=True) == 8  # random data: the first one

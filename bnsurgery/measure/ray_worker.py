@@ -74,7 +74,9 @@ def shard_source(model: onnx.ModelProto, shards: Sequence[Shard], batch_size: in
     its own name in any message (the local engine's checks, shard by shard)."""
     import ray
 
-    from bnsurgery.data import DataSource, _batch_size, _split_arrays, input_specs
+    from bnsurgery.data import DataSource, input_specs
+    from bnsurgery.data import batch_size_for as _batch_size
+    from bnsurgery.data import split_arrays as _split_arrays
 
     specs = input_specs(model)
     size = _batch_size(specs, batch_size)
