@@ -15,9 +15,8 @@ from bnsurgery.data import (
     batch_size_for,
     load_data,
     parse_shape_overrides,
-    random_batches,
-    rebatch,
 )
+from bnsurgery.data.batches import rebatch
 from bnsurgery.errors import BadInputError, DataError
 
 
@@ -134,11 +133,6 @@ def test_random_with_dynamic_dims_says_what_it_chose_and_takes_shape():
     assert any("random data uses 2x3x1x1" in n and "--shape x:" in n for n in chosen.notes)
     source = load_data("random:2", model, shapes=parse_shape_overrides(["x:1x3x5x6"]))
     assert next(iter(source)).feeds["x"].shape == (2, 3, 5, 6)
-
-
-def test_random_batches_keeps_its_contract():
-    batches = list(random_batches(single_input(), 5, batch_size=2))
-    assert [b["x"].shape[0] for b in batches] == [2, 2, 1]
 
 
 def test_mapping_and_iterable_of_dicts_are_accepted_from_python():
@@ -299,12 +293,6 @@ def test_a_shape_override_that_does_not_fit_names_the_shapes(shapes, message):
         load_data("random:2", single_input(("N", 3, "H", "W")), shapes=shapes)
     assert exc.value.option == "shapes"
     assert str(exc.value) == f"shapes {message}"
-
-
-def test_random_batches_refuses_an_override_of_an_unknown_input():
-    with pytest.raises(DataError) as exc:
-        list(random_batches(single_input(), 2, shapes={"nope": [1, 3, 4, 4]}))
-    assert exc.value.option == "shapes"
 
 
 def test_batch_size_must_be_positive_and_fit_a_static_batch():

@@ -15,7 +15,7 @@ import pytest
 
 from bnsurgery import onnxio as io
 from bnsurgery.errors import BadInputError, UnsafePathError
-from bnsurgery.onnxio import lazy
+from bnsurgery.onnxio.lazy import SOURCE_KEY
 from bnsurgery.passes.fold.rewrite import FoldPass
 
 
@@ -96,7 +96,7 @@ def test_lazy_saved_file_has_no_private_keys(external_model, tmp_path) -> None:
     io.save_model(io.load_model(external_model, external_data="lazy"), tmp_path / "out.onnx")
     saved = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
     keys = {e.key for t in saved.graph.initializer for e in t.external_data}
-    assert lazy.SOURCE_KEY not in keys
+    assert SOURCE_KEY not in keys
 
 
 def test_lazy_saved_file_loads_with_onnx_and_runs_the_same(external_model, tmp_path) -> None:
@@ -196,3 +196,25 @@ def test_malformed_external_data_entries_are_bad_input(tmp_path, key, value, mes
     path.write_bytes(model.SerializeToString())
     with pytest.raises(BadInputError, match=message):
         io.load_model(path, external_data=mode)
+
+
+@pytest.mark.parametrize("kernel", ["refuses", "absent"])
+def test_streamed_save_without_copy_file_range_writes_the_same_bytes(
+    external_model, tmp_path, monkeypatch, kernel
+) -> None:
+    """Where copy_file_range fails (EXDEV on old kernels) or does not exist, the bytes are
+    copied by reading and writing, with the same result."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    io.save_model(io.load_model(external_model, external_data="lazy"), tmp_path / "a" / "o.onnx")
+    if kernel == "absent":
+        monkeypatch.delattr("os.copy_file_range", raising=False)
+    else:
+
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr("os.copy_file_range", refuse, raising=False)
+    io.save_model(io.load_model(external_model, external_data="lazy"), tmp_path / "b" / "o.onnx")
+    for name in ("o.onnx", "o.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "o.onnx.data").stat().st_size > 4096  # weights were copied

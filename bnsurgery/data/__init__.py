@@ -14,14 +14,12 @@ input, what the model expects and what came.
 - npfile: reading .npz/.npy files with one clear error for anything else.
 """
 
-from bnsurgery.data.arrays import DEFAULT_LABELS_KEY, split_arrays, stand_in_note
-from bnsurgery.data.batches import Batch, DataSource, rebatch
+from bnsurgery.data.arrays import DEFAULT_LABELS_KEY, split_arrays
+from bnsurgery.data.batches import Batch, DataSource
 from bnsurgery.data.random import (
     DEFAULT_RANDOM_BATCH_SIZE,
     DEFAULT_RANDOM_SAMPLES,
     DEFAULT_SEED,
-    dynamic_shape_notes,
-    random_batches,
     random_spec,
 )
 from bnsurgery.data.sources import DataSpec, load_data
@@ -29,7 +27,6 @@ from bnsurgery.data.specs import (
     DEFAULT_BATCH_SIZE,
     InputSpec,
     batch_size_for,
-    input_shape,
     input_specs,
     model_inputs,
     parse_shape_overrides,
@@ -46,15 +43,10 @@ __all__ = [
     "DataSpec",
     "InputSpec",
     "batch_size_for",
-    "dynamic_shape_notes",
-    "input_shape",
     "input_specs",
     "load_data",
     "model_inputs",
     "parse_shape_overrides",
-    "random_batches",
     "random_spec",
-    "rebatch",
     "split_arrays",
-    "stand_in_note",
 ]

@@ -50,33 +50,6 @@ def parse_random(spec: str) -> int:
     return samples
 
 
-def random_batches(
-    model: onnx.ModelProto,
-    samples: int = DEFAULT_RANDOM_SAMPLES,
-    *,
-    batch_size: int | None = None,
-    seed: int = DEFAULT_SEED,
-    shapes: Mapping[str, list[int]] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """`random:N`: seeded synthetic batches shaped from the model's inputs."""
-    if samples < 1:
-        raise DataError("random:N needs N >= 1")
-    shapes = shapes or {}
-    rng = np.random.default_rng(seed)
-    batch_size = batch_size or samples
-    inputs = model_inputs(model)
-    unknown = set(shapes) - {i.name for i in inputs}
-    if unknown:
-        raise DataError(
-            f"{{option}} names unknown input(s): {', '.join(sorted(unknown))}", option="shapes"
-        )
-    done = 0
-    while done < samples:
-        n = min(batch_size, samples - done)
-        yield {value.name: _random_array(value, shapes, n, rng) for value in inputs}
-        done += n
-
-
 def random_source(
     model: onnx.ModelProto,
     specs: list[InputSpec],
@@ -153,7 +126,7 @@ def dynamic_shape_notes(
 def _random_with_shapes(
     model: onnx.ModelProto, samples: int, batch_size: int, seed: int, shapes: Mapping
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Like random_batches, but a shape override fixes every axis except the batch axis."""
+    """Seeded batches of random samples; a shape override fixes every axis but the batch axis."""
     rng = np.random.default_rng(seed)
     inputs = model_inputs(model)
     done = 0

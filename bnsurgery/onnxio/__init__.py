@@ -11,10 +11,8 @@
 Importers use the names below: `from bnsurgery.onnxio import load_model`.
 """
 
-from bnsurgery.onnxio.external import safe_external_path
 from bnsurgery.onnxio.lazy import (
     LazySource,
-    all_tensors,
     has_external_files,
     is_embedded_lazy,
     is_lazy,
@@ -34,7 +32,6 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "LazySource",
     "ModelSource",
-    "all_tensors",
     "atomic_write",
     "check_model",
     "has_external_files",
@@ -43,7 +40,6 @@ __all__ = [
     "lazy_source",
     "load_model",
     "materialize",
-    "safe_external_path",
     "save_model",
     "serialize_if_small",
     "tensor_to_array",
