@@ -247,9 +247,8 @@ def _save_streaming(
 def _inline_streamable(model: onnx.ModelProto) -> bool:
     """Whether save_model can write `model` (lazy, no external files) with its lazy tensors
     spliced back inline: they are all among the main graph's initializers, the whole fits in one
-    protobuf,
-    and no message on the way holds fields this onnx does not know (a piecewise write would
-    lose them)."""
+    protobuf, and no message on the way holds fields this onnx does not know (a piecewise write
+    would lose them)."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     lazy = {id(t): (t, s) for t in all_tensors(model) if (s := lazy_source(t)) is not None}
