@@ -25,7 +25,6 @@ from bnsurgery.errors import first_line
 
 PASS_GROUP = "bnsurgery.passes"
 CHECK_GROUP = "bnsurgery.checks"
-GROUPS = (PASS_GROUP, CHECK_GROUP)
 
 
 @dataclass
@@ -102,7 +101,6 @@ def load_entry_points(group: str, errors: list[PluginError] | None = None) -> li
 
 __all__ = [
     "CHECK_GROUP",
-    "GROUPS",
     "PASS_GROUP",
     "LoadedPlugin",
     "PluginError",
