@@ -113,7 +113,10 @@ class _Candidate:
 
 @register("insert")
 class InsertPass(PassBase):
-    """Insert BatchNormalization after linear ops: identities, or calibrated on DATA."""
+    """Insert identity BatchNormalization nodes; never in place.
+
+    With `calibrate` (DATA), each new BN is then set to the identity on DATA's distribution:
+    its statistics are DATA's (calibrate_inserted)."""
 
     name = "insert"
     in_place = False
@@ -420,7 +423,7 @@ def calibrate_inserted(
     for t in targets:
         m = measured[t.key]
         logger.info(
-            "insert: BN '%s' calibrated on %d samples (mean %.4g, variance %.4g over channels)",
+            "insert: BN '%s' calibrated on %d samples (mean %.4g, variance %.4g, channel average)",
             t.key, feeds.seen_samples, float(np.mean(m.mean)), float(np.mean(m.var)),
         )  # fmt: skip
         report.bns.append(
