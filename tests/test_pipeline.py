@@ -75,7 +75,7 @@ def test_a_failing_validate_step_stops_the_pipeline():
 
 def test_registry_has_the_builtin_passes_by_name():
     passes = registry()
-    assert {"fold", "insert", "reestimate", "validate"} <= set(passes)
+    assert {"adapt", "fold", "insert", "reestimate", "validate"} <= set(passes)
     assert isinstance(make_pass("fold", backward=False), FoldPass)
     with pytest.raises(KeyError, match="unknown pass 'nope'"):
         make_pass("nope")

@@ -12,7 +12,7 @@
   has the same nodes as the input, only new weights.
 
 AdaptPass is registered as "adapt" (a pipeline step); `adapt()` is the same pass as a function.
-Each step is the registered pass of its own: InsertPass, ReestimatePass and FoldPass.
+Each step is a registered pass in its own right: InsertPass, ReestimatePass and FoldPass.
 """
 
 from __future__ import annotations
