@@ -141,22 +141,24 @@ def insert(model: ModelSource, **options: Any) -> PassResult:
     Options: after ("Conv,Gemm" or a sequence), nodes (regex), calibrate (DATA: make each new
     BN the identity on that data's distribution), epsilon, include_outputs, samples,
     batch_size, shapes, provider. Without calibrate the new BNs are exact identities.
+    The registered pass "insert" (InsertPass), as a function.
     """
-    from bnsurgery.passes.insert import insert as _insert
+    from bnsurgery.passes.insert import InsertPass
 
-    return _insert(load_model(model), **options)
+    return InsertPass(**options)(load_model(model))
 
 
 def reestimate(model: ModelSource, data: Any = None, **options: Any) -> PassResult:
     """Re-estimate BN statistics on DATA (AdaBN); report.stats holds the measured moments.
 
-    Options: mode ("exact" or "batch"), samples, batch_size, prior, nodes (regex),
-    memory_budget (bytes), stats (a StatsSet or .npz path to apply instead of data), shapes,
-    provider, opt_level, progress.
+    Options: mode ("exact" or "batch"), samples, batch_size, prior, nodes (regex, or exact BN
+    names), memory_budget (bytes), stats (a StatsSet or .npz path to apply instead of data),
+    shapes, provider, opt_level, progress. The registered pass "reestimate" (ReestimatePass),
+    as a function.
     """
-    from bnsurgery.passes.reestimate import reestimate as _reestimate
+    from bnsurgery.passes.reestimate import ReestimatePass
 
-    return _reestimate(load_model(model), data, **options)
+    return ReestimatePass(data, **options)(load_model(model))
 
 
 def adapt(model: ModelSource, target: Any, **options: Any) -> PassResult:
@@ -164,10 +166,11 @@ def adapt(model: ModelSource, target: Any, **options: Any) -> PassResult:
 
     Options: source (DATA; needed when the model has no BN), fold (default True), mode,
     prior, samples, batch_size, after, nodes, include_outputs, memory_budget, shapes, provider.
+    The registered pass "adapt" (AdaptPass), as a function.
     """
-    from bnsurgery.passes.adapt import adapt as _adapt
+    from bnsurgery.passes.adapt import AdaptPass
 
-    return _adapt(load_model(model), target, **options)
+    return AdaptPass(target, **options)(load_model(model))
 
 
 __all__ = [

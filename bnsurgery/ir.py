@@ -2,11 +2,21 @@
 FoldPass`); they live in bnsurgery.integrations.onnx_ir. Needs the `ir` extra."""
 
 from bnsurgery.integrations.onnx_ir import (
+    AdaptPass,
     FoldPass,
     InsertPass,
     IrPassResult,
     ReestimatePass,
+    RegisteredPass,
     ValidatePass,
 )
 
-__all__ = ["FoldPass", "InsertPass", "IrPassResult", "ReestimatePass", "ValidatePass"]
+__all__ = [
+    "AdaptPass",
+    "FoldPass",
+    "InsertPass",
+    "IrPassResult",
+    "ReestimatePass",
+    "RegisteredPass",
+    "ValidatePass",
+]

@@ -154,8 +154,9 @@ def test_adapt_with_a_prior_sits_between_source_and_target(task):
 
 
 def test_adapt_a_folded_model_needs_a_source(task, folded):
-    with pytest.raises(UsageError, match="--source"):
+    with pytest.raises(UsageError, match="no BatchNormalization") as exc:
         bnsurgery.adapt(folded, {"x": task[2]})
+    assert exc.value.option == "source"
 
 
 def test_adapt_a_model_without_candidates_is_refused():
@@ -208,3 +209,64 @@ def test_cli_adapt_bad_input(cli, write_model, folded, tmp_path):
     )
     assert code == 2 and "expects" in err
     assert not (tmp_path / "net.adapted.onnx").exists()
+
+
+# -- adapt is one registered pass: the API call, a pipeline step -------------------------------
+def test_an_adapt_pipeline_step_equals_the_api_call(task, folded, tmp_path):
+    _, source, x_target, _, _ = task
+    np.savez(tmp_path / "src.npz", x=source["x"])
+    np.savez(tmp_path / "tgt.npz", x=x_target)
+    pipeline = tmp_path / "adapt.toml"
+    pipeline.write_text(
+        f'[[step]]\npass = "adapt"\ntarget = "{tmp_path / "tgt.npz"}"\n'
+        f'source = "{tmp_path / "src.npz"}"\nsamples = 256\n'
+    )
+    stepped = bnsurgery.run_pipeline(pipeline, folded)
+    direct = bnsurgery.adapt(
+        folded, str(tmp_path / "tgt.npz"), source=str(tmp_path / "src.npz"), samples=256
+    )
+    assert stepped.model.SerializeToString() == direct.model.SerializeToString()
+    [step] = stepped.report.steps
+    assert step.name == "adapt" and step.modified
+    assert step.report.folded and step.report.to_dict()["nodes_after"] == len(folded.graph.node)
+
+
+def test_adapt_reestimates_exactly_the_bns_it_inserted(task, folded):
+    _, source, x_target, _, _ = task
+    result = bnsurgery.adapt(folded, {"x": x_target}, source=source, fold=False)
+    inserted = result.report.inserted.bn_names
+    assert inserted and [b.name for b in result.report.reestimate.bns] == inserted
+    assert result.report.reestimate.skipped == []
+
+
+def test_reestimate_takes_exact_bn_names_as_well_as_a_regex(task):
+    model, _, x_target, _, _ = task
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    bn = next(n for n in renamed.graph.node if n.op_type == "BatchNormalization")
+    bn.name = "bn(1)"  # regex metacharacters: a name is not a pattern
+    result = bnsurgery.reestimate(renamed, {"x": x_target}, nodes=["bn(1)"])
+    assert [b.name for b in result.report.bns] == ["bn(1)"]
+    with pytest.raises(BadInputError, match="matches no BatchNormalization"):
+        bnsurgery.reestimate(renamed, {"x": x_target}, nodes=["bn"])
+
+
+def test_adapt_logs_what_it_decided(task, folded, caplog):
+    _, source, x_target, _, _ = task
+    with caplog.at_level("INFO", logger="bnsurgery"):
+        bnsurgery.adapt(folded, {"x": x_target}, source=source)
+    logged = " | ".join(r.getMessage() for r in caplog.records)
+    assert "adapt: the model has no BN" in logged
+    assert "insert: BN 'fc1/BatchNormalization' after Gemm 'fc1'" in logged
+    assert "calibrated on" in logged
+    assert "adapt: folded back 1 of the 1 inserted BN(s)" in logged
+
+
+def test_bad_adapt_options_fail_when_the_pass_is_built():
+    from bnsurgery.pipeline.registry import make_pass
+
+    with pytest.raises(UsageError, match="unknown mode"):
+        make_pass("adapt", target="random:4", mode="fast")
+    with pytest.raises(UsageError) as exc:
+        make_pass("adapt", target="random:4", after="Relu")
+    assert exc.value.option == "after"

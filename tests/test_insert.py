@@ -14,9 +14,13 @@ import pytest
 from conftest import SAMPLES, sha256
 from onnx import helper, numpy_helper
 
+import bnsurgery
 from bnsurgery.errors import BadInputError, UsageError
+from bnsurgery.passes import Pipeline
 from bnsurgery.passes.insert import insert
 from bnsurgery.passes.reestimate import reestimate
+from bnsurgery.pipeline.config import parse_pipeline, run_pipeline
+from bnsurgery.pipeline.registry import make_pass
 from bnsurgery.stats import relative_error
 
 
@@ -268,6 +272,41 @@ def test_normalised_values_have_zero_mean_unit_variance_on_data(stripped, data):
     assert np.abs(z.var(axis=(0, 2, 3)) - var / (var + 1e-5)).max() < 1e-5
 
 
+# -- one insert: the API function, the registered pass and a pipeline step --------------------
+def test_the_registered_pass_calibrates_byte_for_byte_like_insert(stripped, data):
+    options = {"calibrate": {"x": data}, "batch_size": 16, "nodes": "conv"}
+    by_api = insert(stripped, **options)
+    by_pass = make_pass("insert", **options)(stripped)
+    in_pipeline = Pipeline([make_pass("insert", **options)]).run(stripped)
+    expected = by_api.model.SerializeToString()
+    assert by_api.report.calibration is not None
+    assert by_pass.model.SerializeToString() == expected
+    assert in_pipeline.model.SerializeToString() == expected
+    assert bnsurgery.insert(stripped, **options).model.SerializeToString() == expected
+    assert by_pass.report.calibration.to_dict()["bns"] == by_api.report.calibration.to_dict()["bns"]
+
+
+def test_a_toml_insert_step_calibrates_like_the_api(stripped, data, tmp_path):
+    np.savez(tmp_path / "calib.npz", x=data)
+    spec = parse_pipeline(
+        f'[[step]]\npass = "insert"\ncalibrate = "{tmp_path / "calib.npz"}"\nbatch_size = 16\n'
+    )
+    stepped = run_pipeline(spec, stripped)
+    direct = insert(stripped, calibrate=str(tmp_path / "calib.npz"), batch_size=16)
+    assert stepped.model.SerializeToString() == direct.model.SerializeToString()
+    assert stepped.report.steps[0].report.calibration.samples == 40
+
+
+def test_insert_logs_each_decision(stripped, caplog):
+    with caplog.at_level("INFO", logger="bnsurgery.passes.insert"):
+        result = insert(stripped, include_outputs=False)
+    logged = [r.getMessage() for r in caplog.records if r.name == "bnsurgery.passes.insert"]
+    for entry in result.report.inserted:
+        assert any(f"BN '{entry['bn']}' after {entry['op']}" in m for m in logged)
+    for entry in result.report.skipped:
+        assert any(f"no BN after {entry['op']} '{entry['node']}'" in m for m in logged)
+
+
 def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -278,8 +317,9 @@ def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
 # -- bad input ------------------------------------------------------------------------------------
 def test_nodes_matching_nothing_is_refused(stripped):
-    with pytest.raises(BadInputError, match="matches no"):
+    with pytest.raises(BadInputError, match="matches no") as exc:
         insert(stripped, nodes="^zzz$")
+    assert exc.value.option == "nodes"
 
 
 def test_no_candidate_and_no_bn_is_refused():
@@ -293,8 +333,12 @@ def test_no_candidate_and_no_bn_is_refused():
 
 
 def test_unknown_after_op_is_a_usage_error(stripped):
-    with pytest.raises(UsageError, match="BN can follow only"):
+    with pytest.raises(UsageError, match="BN can follow only") as exc:
         insert(stripped, after="Conv,Relu")
+    assert exc.value.option == "after"
+    with pytest.raises(UsageError) as exc:
+        insert(stripped, epsilon=0)
+    assert exc.value.option == "epsilon"
 
 
 def test_calibration_data_that_does_not_fit_is_refused(stripped):

@@ -12,10 +12,12 @@ ir = pytest.importorskip("onnx_ir")
 
 import bnsurgery  # noqa: E402
 from bnsurgery.integrations.onnx_ir import (  # noqa: E402
+    AdaptPass,
     FoldPass,
     InsertPass,
     IrPassResult,
     ReestimatePass,
+    RegisteredPass,
     ValidatePass,
 )
 from bnsurgery.integrations.testing import assert_bn_healthy, assert_fold_equivalent  # noqa: E402
@@ -27,11 +29,38 @@ def ops(model) -> list[str]:
 
 
 def test_passes_subclass_onnx_ir_base_classes_with_their_semantics():
-    for cls in (FoldPass, InsertPass, ReestimatePass):
+    for cls in (FoldPass, InsertPass, ReestimatePass, AdaptPass):
         assert issubclass(cls, ir.passes.FunctionalPass)
     validate = ValidatePass()
     assert isinstance(validate, ir.passes.PassBase)
     assert (validate.in_place, validate.changes_input) == (True, False)
+
+
+def test_one_adapter_wraps_every_registered_pass_by_its_declaration():
+    model = ir.load(str(SAMPLES / "digits_cnn.onnx"))
+    gate = RegisteredPass("validate", plugins=False)  # an AnalysisPass: side-effect only
+    assert (gate.in_place, gate.changes_input) == (True, False)
+    assert gate(model).model is model
+    fold = RegisteredPass("fold", in_place=True)  # in place on its own copy: functional here
+    assert (fold.in_place, fold.changes_input) == (False, False)
+    folded = fold(model)
+    assert folded.model is not model and "BatchNormalization" in ops(model)
+    with pytest.raises(KeyError, match="unknown pass 'nope'"):
+        RegisteredPass("nope")
+
+
+def test_adapt_pass_equals_the_api_call():
+    model = ir.load(str(SAMPLES / "digits_cnn_nobn.onnx"))
+    target, source = str(SAMPLES / "digits_test.npz"), str(SAMPLES / "digits_train.npz")
+    result = AdaptPass(target=target, source=source, samples=64)(model)
+    direct = bnsurgery.adapt(model, target, source=source, samples=64)
+    # the round trip through onnx_ir adds value_info; the nodes and weights are the API's
+    got = ir.serde.serialize_model(result.model)
+    assert got.graph.node == direct.model.graph.node
+    assert sorted(t.SerializeToString() for t in got.graph.initializer) == sorted(
+        t.SerializeToString() for t in direct.model.graph.initializer
+    )
+    assert result.report.folded and "BatchNormalization" not in ops(result.model)
 
 
 def test_fold_pass_is_functional():

@@ -13,9 +13,10 @@ from conftest import SAMPLES, sha256
 
 import bnsurgery
 from bnsurgery.errors import BadInputError
-from bnsurgery.passes import Pipeline, PipelineReport, make_pass, registry
+from bnsurgery.passes import Pipeline, PipelineReport
 from bnsurgery.passes.fold.rewrite import FoldPass
-from bnsurgery.pipeline.config import key_lines, load_pipeline, parse_pipeline
+from bnsurgery.pipeline.config import SourceLines, load_pipeline, parse_pipeline
+from bnsurgery.pipeline.registry import make_pass, registry
 from bnsurgery.validation.gate import ValidatePass, ValidationReport
 
 FOLD_THEN_GATE = """\
@@ -74,7 +75,7 @@ def test_a_failing_validate_step_stops_the_pipeline():
 
 def test_registry_has_the_builtin_passes_by_name():
     passes = registry()
-    assert {"fold", "insert", "reestimate", "validate"} <= set(passes)
+    assert {"adapt", "fold", "insert", "reestimate", "validate"} <= set(passes)
     assert isinstance(make_pass("fold", backward=False), FoldPass)
     with pytest.raises(KeyError, match="unknown pass 'nope'"):
         make_pass("nope")
@@ -160,7 +161,7 @@ BAD = [
     ("unknown-top-key", 'name = "x"\nverbose = true\n[[step]]\npass = "fold"\n', 2,
      "unknown key 'verbose'"),
     ("unknown-pass", '[[step]]\npass = "fold"\n\n[[step]]\npass = "folt"\n', 5,
-     "step 2: unknown pass 'folt' (known: fold, insert"),
+     "step 2: unknown pass 'folt' (known: adapt, fold, insert"),
     ("unknown-option", '[[step]]\npass = "fold"\n# comment\nbakward = true\n', 4,
      "step 1 (fold): unknown option 'bakward' (known: affine, backward, in_place)"),
     ("wrong-type", '[[step]]\npass = "validate"\nskip = [\n  "a",\n]\nfail_on = 3\n', 6,
@@ -174,7 +175,11 @@ BAD = [
     ("refused-by-pass", '[[step]]\npass = "fold"\n\n[[step]]\npass = "reestimate"\n'
      'mode = "exact"\n', 4, "step 2 (reestimate): re-estimation needs DATA"),
     ("bad-value", '[[step]]\npass = "validate"\nfail_on = "info"\n', 1,
-     "step 1 (validate): --fail-on must be one of error, warning"),
+     "must be one of error, warning"),
+    ("missing-option", '\n[[step]]\npass = "adapt"\nsource = "s.npz"\n', 2,
+     "step 1 (adapt): missing option 'target'"),
+    ("quoted-key", '[[step]]\n"pass" = "fold"\n\n[[step]]\npass = "insert"\n"after" = 1\n',
+     6, "step 2 (insert): option 'after' = 1 has the wrong type (expected a string or an array)"),
     ("inline-tables", 'step = [{pass = "fold"},\n  {pass = "fold", bakward = 1}]\n', 2,
      "unknown option 'bakward'"),
     ("step-not-table", 'step = "fold"\n', 1, "'step' must be an array of tables"),
@@ -203,23 +208,31 @@ def test_a_pipeline_without_steps_is_refused(tmp_path, text, message):
         load_pipeline(write(tmp_path, text))
 
 
+def test_an_error_keeps_the_parameter_it_names():
+    with pytest.raises(BadInputError) as exc:
+        parse_pipeline('[[step]]\npass = "fold"\n\n[[step]]\npass = "insert"\nafter = "Relu"\n',
+                       "p.toml")  # fmt: skip
+    assert exc.value.option == "after"
+    assert str(exc.value).startswith("p.toml:4: step 2 (insert): after Relu: BN can follow only")
+
+
 def test_a_missing_pipeline_file_is_bad_input(cli, tmp_path):
     code, _, err = cli("run", tmp_path / "absent.toml", SAMPLES / "digits_mlp.onnx")
     assert code == 2 and "no such pipeline file" in err
 
 
-def test_key_lines_skip_multiline_strings_and_arrays():
+def test_source_lines_skip_multiline_strings_and_arrays():
     text = (
-        'description = """\nfake = 1\n"""\n'  # lines 1-3
-        "[[step]]\n"  # 4
-        'pass = "validate"\n'  # 5
-        "skip = [\n  'x = 1',\n]\n"  # 6-8
-        "seed = 3 # a comment with [ bracket\n"  # 9
-        "[[step]]\n"  # 10
-        "pass = 'fold'\n"  # 11
+        'description = """\nfake = 1\n[[step]]\n"""\n'  # lines 1-4
+        "[[step]]\n"  # 5
+        'pass = "validate"\n'  # 6
+        "skip = [\n  'x = 1',\n]\n"  # 7-9
+        "seed = 3 # a comment with [ bracket\n"  # 10
+        "[[step]]\n"  # 11
+        "pass = 'fold'\n"  # 12
     )
-    lines = key_lines(text)
-    assert "fake" not in lines.top and lines.top["description"] == 1
-    assert [s.header for s in lines.steps] == [4, 10]
-    assert lines.steps[0].keys == {"pass": 5, "skip": 6, "seed": 9}
-    assert lines.steps[1].keys == {"pass": 11}
+    lines = SourceLines(text)
+    assert lines.top_key("description") == 1 and lines.top_key("fake") is None
+    assert [lines.step_header(0), lines.step_header(1)] == [5, 11]
+    assert [lines.step_key(0, k) for k in ("pass", "skip", "seed", "x")] == [6, 7, 10, None]
+    assert lines.step_key(1, "pass") == 12

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLES
 
-from bnsurgery.pipeline.plugins import list_plugins, load_entry_points
+from bnsurgery.entry_points import load_entry_points
+from bnsurgery.pipeline.plugins import list_plugins
 
 PLUGIN_PKG = Path(__file__).parent / "plugin_pkg"
 
@@ -24,12 +25,26 @@ def test_builtin_passes_and_checks_are_listed(cli):
     code, out, _ = cli("plugins", "--json")
     payload = json.loads(out)
     assert code == 0
-    builtin_passes = {p["name"] for p in payload["passes"] if p["source"] == "builtin"}
-    assert {"fold", "validate"} <= builtin_passes
+    builtin_passes = [p["name"] for p in payload["passes"] if p["source"] == "builtin"]
+    assert builtin_passes == ["adapt", "fold", "insert", "reestimate", "validate"]
     assert [c["name"] for c in payload["checks"] if c["source"] == "builtin"][:2] == [
         "onnx-checker",
         "shape-inference",
     ]
+
+
+def test_the_passes_layer_registers_its_passes_without_the_layers_above():
+    code = (
+        "import sys\n"
+        "from bnsurgery.passes.registry import registered_passes\n"
+        "names = sorted(registered_passes())\n"
+        "above = sorted(m for m in sys.modules if m.startswith(('bnsurgery.validation',\n"
+        "    'bnsurgery.pipeline', 'bnsurgery.integrations', 'bnsurgery.cli')))\n"
+        "print(names, above)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['adapt', 'fold', 'insert', 'reestimate'] []"
 
 
 def test_an_unknown_group_loads_nothing_and_raises_nothing():

@@ -1,13 +1,16 @@
 """Passes: rewrites of a whole model, each returning a PassResult (a model and its report).
 
 The contract every pass follows is in passes.base (PassBase: `in_place`, `changes_input`,
-`requires`/`ensures`). Passes are registered by name, so pipelines (and third parties, through
-the entry-point group `bnsurgery.passes`) can name them; `Pipeline` composes them.
+`requires`/`ensures`). Passes register by name (passes.registry), so pipelines and third parties
+(the entry-point group `bnsurgery.passes`, bnsurgery.pipeline.registry) can name them;
+`Pipeline` composes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ from bnsurgery.passes.base import (
     Report,
     changes_input,
 )
+from bnsurgery.passes.registry import register
 
 
 @dataclass
@@ -37,7 +41,7 @@ class StepRecord:
             "pass": self.name,
             "options": {k: _jsonable(v) for k, v in self.options.items()},
             "modified": self.modified,
-            "ok": _report_ok(self.report),
+            "ok": report_ok(self.report),
             "seconds": round(self.seconds, 6),
             "report": self.report.to_dict(),
         }
@@ -66,7 +70,8 @@ class PipelineReport:
         }
 
 
-def _report_ok(report: Report) -> bool:
+def report_ok(report: Report) -> bool:
+    """A report's `ok` (an attribute or a method); a report without one is ok."""
     ok = getattr(report, "ok", True)
     return bool(ok() if callable(ok) else ok)
 
@@ -98,10 +103,7 @@ class Pipeline:
     in_place = False
 
     def __call__(self, model: Any) -> PassResult:
-        import copy
-        import time
-
-        from bnsurgery.onnxio import load_model
+        from bnsurgery.onnxio import load_model  # onnx loads here, not on `import bnsurgery`
 
         current = load_model(model)
         original = current
@@ -124,84 +126,12 @@ class Pipeline:
             )
             current = result.model
             modified = modified or bool(result.modified)
-            if not _report_ok(result.report):
+            if not report_ok(result.report):
                 report.stopped_at = i
                 break
         return PassResult(current, report, modified)
 
     run = __call__
-
-
-_REGISTRY: dict[str, Callable[..., Pass]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Pass]], Callable[..., Pass]]:
-    """Register a pass factory (usually the class) under a name."""
-
-    def decorator(factory: Callable[..., Pass]) -> Callable[..., Pass]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-# Modules whose import registers the built-in passes (a missing one is skipped: passes land
-# one by one).
-BUILTIN_PASS_MODULES = (
-    "bnsurgery.passes.fold.rewrite",
-    "bnsurgery.passes.insert",
-    "bnsurgery.passes.reestimate",
-    "bnsurgery.validation.gate",
-)
-
-
-@dataclass
-class PluginError:
-    """An entry point that could not be loaded: reported by name, never fatal."""
-
-    group: str
-    name: str
-    value: str
-    distribution: str | None
-    error: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def load_builtin_passes() -> None:
-    import importlib
-
-    for module in BUILTIN_PASS_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
-def registry(errors: list[PluginError] | None = None) -> dict[str, Callable[..., Pass]]:
-    """Built-in passes plus those third parties register under `bnsurgery.passes`.
-
-    A plugin whose entry point fails to load is left out; it is appended to `errors` when a list
-    is given (`bnsurgery plugins` shows it). A plugin cannot replace a built-in name.
-    """
-    from bnsurgery.pipeline.plugins import load_entry_points
-
-    load_builtin_passes()
-    found = dict(_REGISTRY)
-    for plugin in load_entry_points("bnsurgery.passes", errors):
-        if plugin.name not in found:
-            found[plugin.name] = plugin.obj
-    return found
-
-
-def make_pass(name: str, **options: Any) -> Pass:
-    """The registered pass `name`, built with `options` (KeyError names the known passes)."""
-    passes = registry()
-    if name not in passes:
-        raise KeyError(f"unknown pass '{name}' (known: {', '.join(sorted(passes))})")
-    return passes[name](**options)
 
 
 __all__ = [
@@ -214,7 +144,6 @@ __all__ = [
     "PipelineReport",
     "Report",
     "StepRecord",
-    "make_pass",
     "register",
-    "registry",
+    "report_ok",
 ]

@@ -17,8 +17,7 @@ beats it (ties included) nothing is written.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +36,12 @@ from bnsurgery.passes.adapt_guard import (
     read_all,
     split,
 )
+from bnsurgery.passes.reestimate import find_batchnorms
 
+# The BNs to adapt: a regex, exact names, or None for all of them.
+Nodes = str | Sequence[str] | None
 # run(data, source, prior, nodes) -> PassResult: one adaptation of the model
-RunAdaptation = Callable[[Any, Any, float | None, str | None], PassResult]
+RunAdaptation = Callable[[Any, Any, float | None, Nodes], PassResult]
 
 
 @dataclass
@@ -68,14 +70,12 @@ class Outcome:
         return out
 
 
-def bn_names(model: onnx.ModelProto, nodes: str | None = None) -> list[str]:
-    from bnsurgery.passes.reestimate import find_batchnorms
-
+def bn_names(model: onnx.ModelProto, nodes: Nodes = None) -> list[str]:
     targets, _ = find_batchnorms(model, nodes)
     return [t.key for t in targets]
 
 
-def candidates(model: onnx.ModelProto, with_source: bool, nodes: str | None) -> list[Candidate]:
+def candidates(model: onnx.ModelProto, with_source: bool, nodes: Nodes) -> list[Candidate]:
     count = len(bn_names(model, nodes))
     firsts = [count // 2] if 0 < count // 2 < count else []
     out = [Candidate("plain"), Candidate("plain, prior n", prior_factor=1.0)]
@@ -89,11 +89,11 @@ def candidates(model: onnx.ModelProto, with_source: bool, nodes: str | None) -> 
     return out
 
 
-def _nodes_regex(model: onnx.ModelProto, nodes: str | None, first: int | None) -> str | None:
+def _selection(model: onnx.ModelProto, nodes: Nodes, first: int | None) -> Nodes:
+    """The BNs a candidate re-estimates: `nodes`, or the first `first` of them by name."""
     if first is None:
         return nodes
-    names = bn_names(model, nodes)[:first]
-    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return bn_names(model, nodes)[:first]
 
 
 def guarded(
@@ -104,7 +104,7 @@ def guarded(
     source: Any = None,
     source_is_data: bool = True,
     prior: float | None = None,
-    nodes: str | None = None,
+    nodes: Nodes = None,
     auto: bool = False,
     max_drop: float = DEFAULT_MAX_DROP,
     samples: int | None = None,
@@ -155,7 +155,7 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
             adapt_data,
             source_data if c.relative else None,
             prior,
-            _nodes_regex(model, nodes, c.first),
+            _selection(model, nodes, c.first),
         )
         value = score(result.model)
         tried.append({"candidate": c.label, "prior": prior, "score": round(value, 4)})

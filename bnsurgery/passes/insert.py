@@ -1,4 +1,4 @@
-"""Insert BatchNormalization after Conv / ConvTranspose / Gemm / MatMul (DESIGN.md §5).
+"""Insert BatchNormalization after Conv / ConvTranspose / Gemm / MatMul (docs/design.md).
 
 Many deployed models had their BN folded away by the exporter, which leaves nothing for
 re-estimation to adapt. This pass puts a BN back after each selected node that is not already
@@ -18,10 +18,14 @@ followed by one:
 A MatMul followed by an Add of a constant bias gets its BN after the Add (the pattern fold
 recognises, so folding it back restores the original node count). A node whose output is a
 graph output (usually the classifier) is skipped unless `include_outputs` is set.
+
+InsertPass (registered as "insert") does both steps; `insert()` is the same pass as a function,
+so a pipeline's insert step and the API call run the same code.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +53,8 @@ from bnsurgery.passes.reestimate import (
     open_data,
 )
 from bnsurgery.stats import StatsSet
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_AFTER = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SUPPORTED_AFTER = frozenset(DEFAULT_AFTER)
@@ -89,8 +95,9 @@ def parse_after(after: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = [op for op in ops if op not in SUPPORTED_AFTER]
     if unknown or not ops:
         raise UsageError(
-            f"--after {','.join(unknown) or repr(after)}: BN can follow only "
-            f"{', '.join(DEFAULT_AFTER)}"
+            f"{{option}} {','.join(unknown) or repr(after)}: BN can follow only "
+            f"{', '.join(DEFAULT_AFTER)}",
+            option="after",
         )
     return ops
 
@@ -106,7 +113,10 @@ class _Candidate:
 
 @register("insert")
 class InsertPass(PassBase):
-    """Insert identity BatchNormalization nodes; never in place."""
+    """Insert identity BatchNormalization nodes; never in place.
+
+    With `calibrate` (DATA), each new BN is then set to the identity on DATA's distribution:
+    its statistics are DATA's (calibrate_inserted)."""
 
     name = "insert"
     in_place = False
@@ -115,17 +125,27 @@ class InsertPass(PassBase):
         self,
         after: str | Sequence[str] | None = None,
         *,
-        nodes: str | None = None,
+        nodes: str | Sequence[str] | None = None,
+        calibrate: Any = None,
         epsilon: float = DEFAULT_EPSILON,
         include_outputs: bool = False,
+        samples: int | None = None,
+        batch_size: int | None = None,
+        shapes: Mapping[str, list[int]] | None = None,
+        provider: str = "cpu",
+        opt_level: str = MEASURE_OPT_LEVEL,
+        progress: Any = None,
     ) -> None:
         if not epsilon > 0:
-            raise UsageError(f"epsilon must be > 0, got {epsilon}")
+            raise UsageError(f"{{option}} must be > 0, got {epsilon}", option="epsilon")
         self.after = parse_after(after)
         self.nodes = nodes
         self.pattern = compile_nodes(nodes)
         self.epsilon = float(epsilon)
         self.include_outputs = include_outputs
+        self.calibrate = calibrate  # DATA: calibrate the new BNs on it (None: exact identities)
+        self.samples, self.batch_size, self.shapes = samples, batch_size, shapes
+        self.provider, self.opt_level, self.progress = provider, opt_level, progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
@@ -146,13 +166,15 @@ class InsertPass(PassBase):
             considered += 1
             found = self._candidate(index, node, shapes)
             if isinstance(found, str):
+                logger.info("insert: no BN after %s '%s' (%s)", node.op_type, label, found)
                 report.skipped.append({"node": label, "op": node.op_type, "reason": found})
             else:
                 candidates.append(found)
         if considered == 0:
             if self.pattern is not None:
                 raise BadInputError(
-                    f"--nodes '{self.nodes}' matches no {'/'.join(self.after)} node"
+                    f"{{option}} '{self.nodes}' matches no {'/'.join(self.after)} node",
+                    option="nodes",
                 )
             has_bn = any(n.op_type == "BatchNormalization" for n in scope.nodes)
             raise BadInputError(
@@ -164,6 +186,18 @@ class InsertPass(PassBase):
                 f"opset {scope.opset} predates BatchNormalization-6; convert the model first"
             )
         self._insert(work, scope.opset, candidates, report)
+        if self.calibrate is not None and report.inserted:
+            report.calibration = calibrate_inserted(
+                work,
+                report.bn_names,
+                self.calibrate,
+                samples=self.samples,
+                batch_size=self.batch_size,
+                shapes=self.shapes,
+                provider=self.provider,
+                opt_level=self.opt_level,
+                progress=self.progress,
+            )
         report.seconds = time.perf_counter() - start
         return PassResult(work, report, modified=bool(candidates))
 
@@ -240,6 +274,10 @@ class InsertPass(PassBase):
                 copy.name = pre
                 graph.value_info.append(copy)
             after_anchor[id(cand.anchor)] = bn
+            logger.info(
+                "insert: BN '%s' after %s '%s' on '%s' (%d channels)",
+                bn_name, cand.node.op_type, cand.node.name or cand.node.output[0], cand.tensor, c,
+            )  # fmt: skip
             report.inserted.append(
                 {
                     "node": cand.node.name or cand.node.output[0],
@@ -384,6 +422,10 @@ def calibrate_inserted(
     writer.finish()
     for t in targets:
         m = measured[t.key]
+        logger.info(
+            "insert: BN '%s' calibrated on %d samples (mean %.4g, variance %.4g, channel average)",
+            t.key, feeds.seen_samples, float(np.mean(m.mean)), float(np.mean(m.var)),
+        )  # fmt: skip
         report.bns.append(
             BnChange(
                 t.key, t.channels, t.wave, m.count, old[t.key][0], m.mean, old[t.key][1], m.var
@@ -402,7 +444,7 @@ def insert(
     model: onnx.ModelProto,
     *,
     after: str | Sequence[str] | None = None,
-    nodes: str | None = None,
+    nodes: str | Sequence[str] | None = None,
     calibrate: Any = None,
     epsilon: float = DEFAULT_EPSILON,
     include_outputs: bool = False,
@@ -413,21 +455,17 @@ def insert(
     opt_level: str = MEASURE_OPT_LEVEL,
     progress: Any = None,
 ) -> PassResult:
-    """Insert BNs (identity), then calibrate them on `calibrate` DATA when given."""
-    start = time.perf_counter()
-    result = InsertPass(after, nodes=nodes, epsilon=epsilon, include_outputs=include_outputs)(model)
-    report: InsertReport = result.report  # type: ignore[assignment]
-    if calibrate is not None and report.inserted:
-        report.calibration = calibrate_inserted(
-            result.model,
-            report.bn_names,
-            calibrate,
-            samples=samples,
-            batch_size=batch_size,
-            shapes=shapes,
-            provider=provider,
-            opt_level=opt_level,
-            progress=progress,
-        )
-    report.seconds = time.perf_counter() - start
-    return result
+    """Insert BNs (identity), then calibrate them on `calibrate` DATA when given: InsertPass."""
+    return InsertPass(
+        after,
+        nodes=nodes,
+        calibrate=calibrate,
+        epsilon=epsilon,
+        include_outputs=include_outputs,
+        samples=samples,
+        batch_size=batch_size,
+        shapes=shapes,
+        provider=provider,
+        opt_level=opt_level,
+        progress=progress,
+    )(model)

@@ -103,7 +103,7 @@ def _read_param(index: GraphIndex, name: str) -> tuple[np.ndarray | None, int | 
 
 
 def find_batchnorms(
-    model: onnx.ModelProto, nodes: str | None = None
+    model: onnx.ModelProto, nodes: str | Iterable[str] | None = None
 ) -> tuple[list[BnTarget], list[dict[str, str]]]:
     """The main-graph BNs to re-estimate (selected by the `nodes` regex), and those skipped.
 
@@ -159,10 +159,23 @@ def find_batchnorms(
     return targets, skipped
 
 
-def compile_nodes(nodes: str | None) -> re.Pattern[str] | None:
-    """The --nodes regular expression, compiled (None: every node); a bad one is exit 2."""
+@dataclass(frozen=True)
+class ExactNames:
+    """A `nodes` selection by exact names (what adapt hands on from its insert step)."""
+
+    names: frozenset[str]
+
+    def search(self, name: str) -> bool:
+        return name in self.names
+
+
+def compile_nodes(nodes: str | Iterable[str] | None) -> re.Pattern[str] | ExactNames | None:
+    """The --nodes regular expression, compiled (None: every node); a bad one is exit 2. A
+    collection of names instead of a string selects exactly those names."""
     if nodes is None:
         return None
+    if not isinstance(nodes, str):
+        return ExactNames(frozenset(nodes))
     try:
         return re.compile(nodes)
     except re.error as exc:
@@ -1407,7 +1420,7 @@ class ReestimatePass(PassBase):
         samples: int | None = None,
         batch_size: int | None = None,
         prior: float | None = None,
-        nodes: str | None = None,
+        nodes: str | Sequence[str] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         stats: StatsSet | str | None = None,
         source: Any = None,

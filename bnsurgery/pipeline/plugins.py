@@ -1,86 +1,19 @@
-"""Third-party passes and validate checks, found through entry points.
+"""What `bnsurgery plugins` lists: the built-in and third-party passes and validate checks, and
+the plugins that failed to load.
 
-A package registers them in its pyproject.toml:
-
-    [project.entry-points."bnsurgery.passes"]
-    tag = "my_package.passes:TagPass"          # a Pass factory: TagPass(**options) -> Pass
-
-    [project.entry-points."bnsurgery.checks"]
-    max-bn = "my_package.checks:max_bn"        # check(ctx) -> iterable of Finding
-
-Loading never raises: an entry point whose import fails is recorded as a PluginError (group,
-name, distribution, error) so that `bnsurgery plugins` and `bnsurgery validate` can name it and go
-on with the others.
+Plugins are entry points (bnsurgery.entry_points has the groups and the loader); a pass plugin
+is usable by name in a pipeline (bnsurgery.pipeline.registry), a check plugin runs in every
+`bnsurgery validate` (bnsurgery.validation.gate).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from bnsurgery.passes import PluginError
-
-PASS_GROUP = "bnsurgery.passes"
-CHECK_GROUP = "bnsurgery.checks"
-GROUPS = (PASS_GROUP, CHECK_GROUP)
-
-
-@dataclass
-class LoadedPlugin:
-    """An entry point and the object it names."""
-
-    group: str
-    name: str
-    value: str
-    distribution: str | None
-    version: str | None
-    obj: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "name": self.name,
-            "value": self.value,
-            "distribution": self.distribution,
-            "version": self.version,
-        }
-
-
-def _distribution(entry: EntryPoint) -> tuple[str | None, str | None]:
-    dist = getattr(entry, "dist", None)
-    if dist is None:
-        return None, None
-    try:
-        return dist.metadata["Name"], dist.version
-    except Exception:  # broken metadata: the plugin still loads
-        return None, None
-
-
-def describe_error(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def load_entry_points(group: str, errors: list[PluginError] | None = None) -> list[LoadedPlugin]:
-    """Every entry point of `group`, loaded, sorted by name; failures go to `errors`."""
-    loaded: list[LoadedPlugin] = []
-    seen: set[str] = set()
-    for entry in sorted(entry_points(group=group), key=lambda e: e.name):
-        if entry.name in seen:  # the same distribution seen twice on sys.path
-            continue
-        seen.add(entry.name)
-        dist, version = _distribution(entry)
-        try:
-            obj = entry.load()
-        except Exception as exc:  # a broken plugin must not break bnsurgery
-            if errors is not None:
-                errors.append(
-                    PluginError(group, entry.name, entry.value, dist, describe_error(exc))
-                )
-            continue
-        loaded.append(LoadedPlugin(group, entry.name, entry.value, dist, version, obj))
-    return loaded
+from bnsurgery.entry_points import CHECK_GROUP, PASS_GROUP, PluginError, load_entry_points
+from bnsurgery.pipeline.registry import builtin_passes
+from bnsurgery.validation.checks import builtin_checks
 
 
 @dataclass
@@ -106,18 +39,15 @@ def _summary(obj: Any) -> str:
 
 def list_plugins() -> PluginListing:
     """Built-in and third-party passes and checks; plugins that fail to load are in `errors`."""
-    from bnsurgery.passes import _REGISTRY, load_builtin_passes
-    from bnsurgery.validation.checks import builtin_checks
-
     errors: list[PluginError] = []
-    load_builtin_passes()
+    builtins = builtin_passes()
     passes = [
         {"name": name, "source": "builtin", "summary": _summary(factory)}
-        for name, factory in sorted(_REGISTRY.items())
+        for name, factory in builtins.items()
     ]
     for plugin in load_entry_points(PASS_GROUP, errors):
         entry = plugin.to_dict() | {"source": "plugin", "summary": _summary(plugin.obj)}
-        if plugin.name in _REGISTRY:
+        if plugin.name in builtins:
             entry["note"] = f"ignored: the built-in pass '{plugin.name}' has this name"
         passes.append(entry)
     checks = [
@@ -131,3 +61,6 @@ def list_plugins() -> PluginListing:
             entry["note"] = f"ignored: the built-in check '{plugin.name}' has this name"
         checks.append(entry)
     return PluginListing(passes, checks, errors)
+
+
+__all__ = ["PluginListing", "list_plugins"]

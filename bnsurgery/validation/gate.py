@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bnsurgery.entry_points import CHECK_GROUP, PluginError, describe_error, load_entry_points
 from bnsurgery.errors import BadInputError, BnSurgeryError, CheckFailed, EnvironmentProblem
 from bnsurgery.passes import AnalysisPass, PassResult, register
 from bnsurgery.validation.checks import (
@@ -198,9 +199,6 @@ class _Runnable:
 
 
 def _plugin_checks(crashes: list[Finding], builtin: set[str], notes: list[str]) -> list[_Runnable]:
-    from bnsurgery.passes import PluginError
-    from bnsurgery.pipeline.plugins import CHECK_GROUP, load_entry_points
-
     errors: list[PluginError] = []
     runnables = []
     for plugin in load_entry_points(CHECK_GROUP, errors):
@@ -232,8 +230,6 @@ def _plugin_checks(crashes: list[Finding], builtin: set[str], notes: list[str]) 
 
 
 def _describe(exc: BaseException) -> str:
-    from bnsurgery.pipeline.plugins import describe_error
-
     return describe_error(exc)
 
 
