@@ -22,8 +22,9 @@ from bnsurgery.cli.main import (
 from bnsurgery.cli.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
+from bnsurgery.measure.engine import MODES
+from bnsurgery.measure.feeds import MIN_SAMPLES
 from bnsurgery.onnxio.load import load_model, resolve_output_path
-from bnsurgery.passes.reestimate import MIN_SAMPLES, MODES
 
 EXAMPLE = """\b
 Example:

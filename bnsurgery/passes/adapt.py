@@ -21,8 +21,9 @@ from typing import Any
 import onnx
 
 from bnsurgery.errors import UsageError
+from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
 from bnsurgery.passes import PassResult
-from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, MEASURE_OPT_LEVEL
 
 
 @dataclass

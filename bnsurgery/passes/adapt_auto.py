@@ -69,7 +69,7 @@ class Outcome:
 
 
 def bn_names(model: onnx.ModelProto, nodes: str | None = None) -> list[str]:
-    from bnsurgery.passes.reestimate import find_batchnorms
+    from bnsurgery.measure.targets import find_batchnorms
 
     targets, _ = find_batchnorms(model, nodes)
     return [t.key for t in targets]
