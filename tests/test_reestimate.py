@@ -1,9 +1,10 @@
 """BN re-estimation: each mode against a float64 reference, waves, caching, prior, shards,
-saved statistics, the CLI, and every bad input of issue 4."""
+saved statistics, the CLI, and every bad input."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import bn_reference as ref
 import models
@@ -23,7 +24,7 @@ from bnsurgery.measure.targets import find_batchnorms
 from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.stats import StatsSet, relative_error
 
-TOL = 1e-6  # statistics vs the float64 reference (issue 4)
+TOL = 1e-6  # statistics vs the float64 reference: the accuracy re-estimation promises
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +371,23 @@ def test_the_default_optimised_runs_agree_with_the_unoptimised_ones_to_float32_r
     assert session["execution_order"] == "PRIORITY_BASED"  # Shape nodes run early
     for name, m in plain.report.stats.entries.items():
         assert relative_error(optimised.report.stats.entries[name].var, m.var) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_the_plan_and_each_stage_are_logged_at_info(net, images, caplog, mode):
+    with caplog.at_level(logging.INFO, logger="bnsurgery"):
+        reestimate(net, {"x": images}, batch_size=16, mode=mode)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert f"reestimate: 5 BN(s) selected, 0 skipped; {mode} mode from DATA, local engine" in lines
+    if mode == "exact":
+        assert any(line.startswith("exact mode: 5 BN(s) in 4 wave(s)") for line in lines)
+        assert "cache budget 2048.0 MiB" in lines[1]
+        assert [line[:9] for line in lines if line.startswith("wave ")] == [
+            "wave 1/4:", "wave 2/4:", "wave 3/4:", "wave 4/4:"
+        ]  # fmt: skip
+    else:
+        assert any(line.startswith("batch mode: 5 BN(s) in one pass") for line in lines)
+        assert any(line.startswith("batch pass: 3 batch(es) in ") for line in lines)
 
 
 # -- options --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ This module imports no Ray at module level: the driver wraps `ShardWorker` with 
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 import zipfile
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnsurgery.data import DataSource, _batch_size, _split_arrays, input_specs
 from bnsurgery.errors import BnSurgeryError, DataError
 from bnsurgery.measure.batch import measure_batch_mode
 from bnsurgery.measure.exact import measure_waves
@@ -77,9 +79,7 @@ def shard_arrays(shard: Shard, block: Mapping[str, Any]) -> dict[str, np.ndarray
 def shard_source(model: onnx.ModelProto, shards: Sequence[Shard], batch_size: int | None):
     """A bnsurgery.data.DataSource over shards, each checked against the model's inputs with
     its own name in any message (the local engine's checks, shard by shard)."""
-    import ray
-
-    from bnsurgery.data import DataSource, _batch_size, _split_arrays, input_specs
+    import ray  # optional: installed with the extra, imported only on a worker
 
     specs = input_specs(model)
     size = _batch_size(specs, batch_size)
@@ -103,8 +103,6 @@ class ShardWorker:
     `next_wave` and `continue_with` are called while the engine thread waits between waves)."""
 
     def __init__(self, model_bytes: bytes, options: Mapping[str, Any]) -> None:
-        import os
-
         self.model = onnx.ModelProto.FromString(model_bytes)
         self.options = dict(options)
         self.pid = os.getpid()

@@ -31,6 +31,7 @@ from bnsurgery.measure.feeds import (
     open_data,
 )
 from bnsurgery.measure.params import ParamWriter, blend
+from bnsurgery.measure.ray import RayOptions, describe_data, measure_on_ray
 from bnsurgery.measure.report import BnChange, ReestimateReport
 from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, Runner
 from bnsurgery.measure.targets import BnTarget, find_batchnorms
@@ -110,6 +111,7 @@ class ReestimatePass(PassBase):
         self.source = source  # DATA, a StatsSet or a statistics file: source-relative
         self.runner = Runner(provider, opt_level, threads, shared_arena)
         self._source: StatsSet | None = None  # the source moments, once known
+        self._source_description: str | None = None
         self._written: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -117,6 +119,12 @@ class ReestimatePass(PassBase):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         targets, skipped = find_batchnorms(work, self.nodes)
+        how = "saved statistics" if self.stats is not None else f"DATA, {self.engine} engine"
+        logger.info(
+            "reestimate: %d BN(s) selected, %d skipped; %s mode from %s%s",
+            len(targets), len(skipped), self.mode, how,
+            "" if self.source is None else ", source-relative",
+        )  # fmt: skip
         writer = ParamWriter(work)
         for target in targets:  # source-relative may rescale a clamped channel (scale, slot 1)
             writer.privatise(target, (3, 4) if self.source is None else (1, 3, 4))
@@ -145,10 +153,6 @@ class ReestimatePass(PassBase):
         report.waves = max((t.wave for t in targets), default=0)
         report.session = self.runner.session_info
         report.seconds = time.perf_counter() - start
-        logger.info(
-            "reestimate: %d BN(s) written (%s mode, %d sample(s), %d skipped) in %.3f s",
-            len(targets), report.mode, report.samples, len(skipped), report.seconds,
-        )  # fmt: skip
         return PassResult(work, report)
 
     def _write(self, writer: ParamWriter, target: BnTarget, moments: Moments, samples: int) -> None:
@@ -214,8 +218,6 @@ class ReestimatePass(PassBase):
         return measured
 
     def _measure_on_ray(self, work, targets, writer, report) -> dict[str, Moments]:
-        from bnsurgery.measure.ray import RayOptions, describe_data, measure_on_ray  # Ray: optional
-
         check_sample_limit(self.samples)
         self._measure_source(work, targets)  # in this process, as locally
 
@@ -246,4 +248,4 @@ def reestimate(model: onnx.ModelProto, data: Any = None, **options: Any) -> Pass
     return ReestimatePass(data, **options)(model)
 
 
-__all__ = ["BnChange", "ReestimatePass", "ReestimateReport", "reestimate"]
+__all__ = ["ReestimatePass", "ReestimateReport", "reestimate"]
