@@ -490,6 +490,8 @@ def test_a_bad_nodes_expression_is_refused(net, images):
         ({"mode": "train"}, "mode"),
         ({"batch_form": "fused"}, "batch_form"),
         ({"engine": "spark"}, "engine"),
+        ({"engine": "ray", "batch_form": "centred"}, "batch_form"),
+        ({"engine": "ray", "cache_planner": GreedyPlanner()}, "cache_planner"),
     ],
 )
 def test_bad_option_values_name_the_option(net, images, options, option):

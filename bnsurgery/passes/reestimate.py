@@ -92,6 +92,10 @@ class ReestimatePass(PassBase):
             expected = " or ".join(BATCH_FORMS)
             raise UsageError(f"unknown {{option}} '{batch_form}' (expected {expected})",
                              option="batch_form")  # fmt: skip
+        if engine == "ray" and (cache_planner is not None or batch_form != "auto"):
+            option = "cache_planner" if cache_planner is not None else "batch_form"
+            raise UsageError("{option} applies to the local engine, not to engine='ray'",
+                             option=option)  # fmt: skip
         if data is not None and stats is not None:
             raise UsageError("give DATA to measure, or saved statistics to apply, not both")
         if data is None and stats is None:
