@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import _outputs as outputs  # noqa: E402  (bench/ is the script's folder)
 from render_benchmarks import replace_marked  # noqa: E402
 
-from bnsurgery.passes import reestimate as engine  # noqa: E402
+from bnsurgery.passes.reestimate import reestimate  # noqa: E402
 from bnsurgery.stats import Moments, relative_error  # noqa: E402
 
 CHANNELS = 4
@@ -58,12 +58,9 @@ def bn_model() -> onnx.ModelProto:
 
 
 def measured(model: onnx.ModelProto, x: np.ndarray, batch: int, one_node: bool) -> Moments:
-    original = engine.Runner.runs_training_mode_bn
-    engine.Runner.runs_training_mode_bn = one_node  # False: the form used off the CPU EP
-    try:
-        result = engine.reestimate(model, {"x": x}, mode="batch", batch_size=batch)
-    finally:
-        engine.Runner.runs_training_mode_bn = original
+    # "auto" on the CPU EP is the one-node form; "centred" is the form used off the CPU EP
+    form = "auto" if one_node else "centred"
+    result = reestimate(model, {"x": x}, mode="batch", batch_size=batch, batch_form=form)
     return result.report.stats.entries["bn"]
 
 

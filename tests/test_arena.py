@@ -12,7 +12,8 @@ import pytest
 from models import make, vi
 from onnx import helper
 
-from bnsurgery.passes.reestimate import Runner, reestimate
+from bnsurgery.measure.runner import Runner
+from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.runtime import arena
 from bnsurgery.runtime.providers import ProviderConfig, session_options
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, sha256
 
-from bnsurgery.passes.reestimate import MIN_SAMPLES
+from bnsurgery.measure.feeds import MIN_SAMPLES
 
 CNN = SAMPLES / "digits_cnn.onnx"
 SAMPLE_RUNS = {

@@ -1,9 +1,10 @@
 """BN re-estimation: each mode against a float64 reference, waves, caching, prior, shards,
-saved statistics, the CLI, and every bad input of issue 4."""
+saved statistics, the CLI, and every bad input."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import bn_reference as ref
 import models
@@ -15,10 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnsurgery.errors import BadInputError, DataError, UsageError
+from bnsurgery.measure.batch import measure_batch_mode
+from bnsurgery.measure.cache import GreedyPlanner
+from bnsurgery.measure.feeds import open_data
+from bnsurgery.measure.runner import Runner
+from bnsurgery.measure.targets import find_batchnorms
 from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.stats import StatsSet, relative_error
 
-TOL = 1e-6  # statistics vs the float64 reference (issue 4)
+TOL = 1e-6  # statistics vs the float64 reference: the accuracy re-estimation promises
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,6 @@ def test_batch_mode_matches_batch_statistics_forward_with_pooled_moments(net, im
 
 def _session_models(monkeypatch) -> list[onnx.ModelProto]:
     """Every model a Runner opens a session for, from now on."""
-    from bnsurgery.passes.reestimate import Runner
-
     seen: list[onnx.ModelProto] = []
     original = Runner.session
 
@@ -99,29 +103,45 @@ def test_batch_mode_runs_each_bn_as_one_training_mode_node(opset, monkeypatch):
     assert not [n for n in graph.graph.node if n.op_type.startswith("Reduce")]
 
 
-def test_batch_mode_forms_agree_on_the_sample_resnet(monkeypatch):
+def test_batch_mode_forms_agree_on_the_sample_resnet():
     """The one-node form against the centred per-sample rewrite it replaced on the CPU."""
-    from bnsurgery.passes import reestimate as engine
-
     model = onnx.load(SAMPLES / "resnet_small.onnx")
     x = np.random.default_rng(7).normal(0.2, 1.1, (48, 3, 64, 64)).astype(np.float32)
     one_node = reestimate(model, {"input": x}, batch_size=16, mode="batch").report.stats
-    monkeypatch.setattr(engine, "training_mode_rewrite", lambda *args: None)
-    centred = reestimate(model, {"input": x}, batch_size=16, mode="batch").report.stats
+    centred = reestimate(
+        model, {"input": x}, batch_size=16, mode="batch", batch_form="centred"
+    ).report.stats
     assert len(one_node.entries) == 20
     for name, m in centred.entries.items():
         assert relative_error(one_node.entries[name].mean, m.mean) < 2 * TOL, name
         assert relative_error(one_node.entries[name].var, m.var) < 2 * TOL, name
 
 
-def test_batch_mode_on_other_providers_uses_plain_ops(net, images, monkeypatch):
-    """Training-mode BN is only known to run on the CPU EP: elsewhere, the centred rewrite."""
-    from bnsurgery.passes import reestimate as engine
+class _OffTheCpu(Runner):
+    """A runner for an EP on which training-mode BN is not known to run (it runs on the CPU)."""
 
+    runs_training_mode_bn = False
+
+
+def test_training_mode_bn_is_only_used_on_the_cpu_ep():
+    assert Runner("cpu").runs_training_mode_bn
+    assert not Runner("cuda").runs_training_mode_bn
+    assert not Runner("dml").runs_training_mode_bn
+
+
+@pytest.mark.parametrize("runner, form", [(_OffTheCpu(), "auto"), (Runner(), "centred")])
+def test_batch_mode_off_the_cpu_or_centred_uses_plain_ops(net, images, monkeypatch, runner, form):
+    """Training-mode BN is only known to run on the CPU EP: elsewhere, the centred rewrite."""
     sessions = _session_models(monkeypatch)
-    monkeypatch.setattr(engine.Runner, "runs_training_mode_bn", False)
-    result = reestimate(net, {"x": images}, batch_size=16, mode="batch")
-    _assert_close(_stats(result), ref.reference_batch(net, ref.split(images, 16)))
+    work = onnx.ModelProto()
+    work.CopyFrom(net)
+    targets, _ = find_batchnorms(work)
+    feeds = open_data({"x": images}, work, batch_size=16)
+    measured = measure_batch_mode(work, targets, feeds, runner=runner, form=form)
+    _assert_close(
+        {k: (m.mean, m.var) for k, m in measured.items()},
+        ref.reference_batch(net, ref.split(images, 16)),
+    )
     (graph,) = sessions
     assert all(len(bn.output) == 1 for bn in _batch_norms(graph))
     assert [n for n in graph.graph.node if n.op_type == "ReduceMean"]
@@ -258,57 +278,54 @@ def resnet_small_run():
     return model, {"input": x}, options, full.report
 
 
-def _recomputed_under(run, budget_share: float) -> tuple[int, dict]:
+def _recomputed_under(run, budget_share: float, planner=None) -> tuple[int, dict]:
     model, data, options, full = run
     budget = int(full.run.peak_cache_bytes * budget_share)
-    report = reestimate(model, data, memory_budget=budget, **options).report
+    report = reestimate(model, data, memory_budget=budget, cache_planner=planner, **options).report
     for name, m in full.stats.entries.items():  # the budget never changes the statistics
         np.testing.assert_array_equal(report.stats.entries[name].m2, m.m2)
     return report.run.recomputed_nodes, report.run.to_dict()
 
 
-def test_over_budget_the_cheapest_tensor_to_recompute_is_dropped(resnet_small_run, monkeypatch):
+# the batch-by-batch policy alone: no stage planned ahead at its first batch
+BATCH_BY_BATCH = GreedyPlanner(plan_ahead=False)
+
+
+class _EarliestFirst(GreedyPlanner):
+    """Over budget, drops the earliest producer's output (the kept tensors list it last)."""
+
+    def victim(self, plan, kept, cache, stage):
+        return [*kept][-1]
+
+
+def test_over_budget_the_cheapest_tensor_to_recompute_is_dropped(resnet_small_run):
     """Not the earliest producer: on a ResNet that is a block input whose recomputation reaches
     back towards the data, where the BN input one convolution after it costs one node. (The
     batch-by-batch policy, here without the stage planner that runs it ahead at batch 0.)"""
-    from bnsurgery.passes import reestimate as engine
-
-    monkeypatch.setattr(engine, "_plan_drops", lambda *args: ([], {}))
-    chosen, _ = _recomputed_under(resnet_small_run, 0.25)
-    monkeypatch.setattr(engine, "_cheapest_to_recompute", lambda plan, kept, c, s: [*kept][-1])
-    earliest, _ = _recomputed_under(resnet_small_run, 0.25)
+    chosen, _ = _recomputed_under(resnet_small_run, 0.25, BATCH_BY_BATCH)
+    earliest, _ = _recomputed_under(resnet_small_run, 0.25, _EarliestFirst(plan_ahead=False))
     assert 0 < chosen < earliest  # measured: 11 against 16
 
 
-def test_spent_cached_inputs_are_freed_batch_by_batch(resnet_small_run, monkeypatch):
+def test_spent_cached_inputs_are_freed_batch_by_batch(resnet_small_run):
     """A stage's outputs take the place of the inputs no later stage reads, within the budget."""
-    from bnsurgery.passes import reestimate as engine
-
     freed, run = _recomputed_under(resnet_small_run, 0.5)
     assert run["peak_cache_bytes"] <= resnet_small_run[3].run.peak_cache_bytes // 2
-    monkeypatch.setattr(engine.TensorCache, "release", lambda self, name, batch: None)
-    held, _ = _recomputed_under(resnet_small_run, 0.5)
+    held, _ = _recomputed_under(resnet_small_run, 0.5, GreedyPlanner(free_spent=False))
     assert freed < held  # measured: 1 against 26
 
 
-def test_the_stage_planner_finds_the_same_choice_as_the_batch_by_batch_policy(
-    resnet_small_run, monkeypatch
-):
-    from bnsurgery.passes import reestimate as engine
-
+def test_the_stage_planner_finds_the_same_choice_as_the_batch_by_batch_policy(resnet_small_run):
     planned, _ = _recomputed_under(resnet_small_run, 0.25)
-    monkeypatch.setattr(engine, "_plan_drops", lambda *args: ([], {}))
-    greedy, _ = _recomputed_under(resnet_small_run, 0.25)
+    greedy, _ = _recomputed_under(resnet_small_run, 0.25, BATCH_BY_BATCH)
     assert planned == greedy  # measured: 11 (basic blocks: no narrower input to hold)
 
 
 @pytest.mark.parametrize("budget_units", [5.5, 7])
-def test_a_narrow_spent_input_is_held_to_recompute_a_wide_output_cheaply(budget_units, monkeypatch):
+def test_a_narrow_spent_input_is_held_to_recompute_a_wide_output_cheaply(budget_units):
     """A bottleneck's two 4c-channel tensors for the Add do not fit together; holding the
     c-channel input of the main path makes bn2's input three nodes away (BN, Relu, Conv) rather
     than the shortcut five nodes away from the data."""
-    from bnsurgery.passes import reestimate as engine
-
     model, x = ref.bottleneck_net(c=4, size=8), ref.image_data(32, size=8)
     options = {"batch_size": 8, "opt_level": "disable_all"}
     full = reestimate(model, {"x": x}, **options).report
@@ -319,8 +336,9 @@ def test_a_narrow_spent_input_is_held_to_recompute_a_wide_output_cheaply(budget_
     for name, m in full.stats.entries.items():
         np.testing.assert_array_equal(held.stats.entries[name].m2, m.m2)
         np.testing.assert_array_equal(held.stats.entries[name].mean, m.mean)
-    monkeypatch.setattr(engine, "_plan_drops", lambda *args: ([], {}))
-    greedy = reestimate(model, {"x": x}, memory_budget=budget, **options).report
+    greedy = reestimate(
+        model, {"x": x}, memory_budget=budget, cache_planner=BATCH_BY_BATCH, **options
+    ).report
     assert greedy.run.recomputed_nodes == 5
 
 
@@ -353,6 +371,23 @@ def test_the_default_optimised_runs_agree_with_the_unoptimised_ones_to_float32_r
     assert session["execution_order"] == "PRIORITY_BASED"  # Shape nodes run early
     for name, m in plain.report.stats.entries.items():
         assert relative_error(optimised.report.stats.entries[name].var, m.var) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch"])
+def test_the_plan_and_each_stage_are_logged_at_info(net, images, caplog, mode):
+    with caplog.at_level(logging.INFO, logger="bnsurgery"):
+        reestimate(net, {"x": images}, batch_size=16, mode=mode)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert f"reestimate: 5 BN(s) selected, 0 skipped; {mode} mode from DATA, local engine" in lines
+    if mode == "exact":
+        assert any(line.startswith("exact mode: 5 BN(s) in 4 wave(s)") for line in lines)
+        assert "cache budget 2048.0 MiB" in lines[1]
+        assert [line[:9] for line in lines if line.startswith("wave ")] == [
+            "wave 1/4:", "wave 2/4:", "wave 3/4:", "wave 4/4:"
+        ]  # fmt: skip
+    else:
+        assert any(line.startswith("batch mode: 5 BN(s) in one pass") for line in lines)
+        assert any(line.startswith("batch pass: 3 batch(es) in ") for line in lines)
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -434,8 +469,36 @@ def test_no_bn_is_refused():
 
 
 def test_nodes_matching_nothing_is_refused(net, images):
-    with pytest.raises(BadInputError, match="matches no BatchNormalization"):
+    with pytest.raises(BadInputError, match="matches no BatchNormalization") as exc:
         reestimate(net, {"x": images}, nodes="^nothing$")
+    assert exc.value.option == "nodes"
+
+
+def test_a_bad_nodes_expression_is_refused(net, images):
+    with pytest.raises(BadInputError, match="not a valid regular expression") as exc:
+        reestimate(net, {"x": images}, nodes="(")
+    assert exc.value.option == "nodes"
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        ({"prior": -1}, "prior"),
+        ({"memory_budget": -1}, "memory_budget"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"samples": 1}, "samples"),
+        ({"mode": "train"}, "mode"),
+        ({"batch_form": "fused"}, "batch_form"),
+        ({"engine": "spark"}, "engine"),
+        ({"engine": "ray", "batch_form": "centred"}, "batch_form"),
+        ({"engine": "ray", "cache_planner": GreedyPlanner()}, "cache_planner"),
+    ],
+)
+def test_bad_option_values_name_the_option(net, images, options, option):
+    with pytest.raises(BadInputError) as exc:
+        reestimate(net, {"x": images}, **options)
+    assert exc.value.option == option
+    assert str(exc.value).startswith(option) or f"{option} " in str(exc.value)
 
 
 def test_training_mode_bn_is_refused():
@@ -512,8 +575,15 @@ def test_one_sample_is_refused(net, images):
 
 def test_batch_mode_needs_two_values_per_channel():
     x = np.random.default_rng(0).normal(0, 1, (8, 6)).astype(np.float32)
-    with pytest.raises(DataError, match="1 value\\(s\\) per channel"):
+    with pytest.raises(DataError, match="1 value\\(s\\) per channel") as exc:
         reestimate(ref.mlp(), {"x": x}, batch_size=1, mode="batch")
+    assert exc.value.option == "batch_size"
+
+
+def test_batch_mode_needs_opset_7():
+    with pytest.raises(BadInputError, match="opset >= 7") as exc:
+        reestimate(models.opset6_bn(), "random:4", mode="batch")
+    assert exc.value.option == "mode"
 
 
 def test_data_that_does_not_fit_is_refused(net):
@@ -533,8 +603,9 @@ def test_statistics_of_another_model_are_refused(net, images, tmp_path):
 
 
 def test_data_and_stats_together_or_neither_is_a_usage_error(net, images, tmp_path):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as exc:
         reestimate(net)
+    assert exc.value.option == "stats"
     with pytest.raises(UsageError):
         reestimate(net, {"x": images}, stats=StatsSet("exact"))
     with pytest.raises(UsageError):
@@ -713,12 +784,10 @@ def test_sub_models_past_the_protobuf_limit_go_through_external_data(net, images
     monkeypatch.setattr(
         bnsurgery.onnxio.load, "EXTERNAL_DATA_THRESHOLD", 256
     )  # every part is "large"
-    from bnsurgery.passes.reestimate import Runner
-
     via_file = []
-    from_file = Runner._session_from_file
+    from_file = Runner.session_from_file
     monkeypatch.setattr(
-        Runner, "_session_from_file", staticmethod(lambda *a: via_file.append(1) or from_file(*a))
+        Runner, "session_from_file", staticmethod(lambda *a: via_file.append(1) or from_file(*a))
     )
     got = reestimate(net, {"x": images}, batch_size=16).report.stats
     assert len(via_file) == 4  # one per wave

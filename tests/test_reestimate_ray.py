@@ -141,9 +141,9 @@ def _wait_until_dead(ray, actor, seconds: float = 30.0) -> None:
 def _kill_worker_in_wave(monkeypatch, ray, wave_number: int) -> None:
     """Kill worker 0 while it computes `wave_number` (the driver has sent the parameters of
     the wave before, and not yet asked for this one's moments)."""
-    from bnsurgery.measure import ray as reestimate_ray
+    from bnsurgery.measure import ray as ray_engine
 
-    original = reestimate_ray.Driver.wave
+    original = ray_engine.Driver.wave
 
     def wave(self, number, history):
         if number == wave_number and not self.retried:
@@ -152,7 +152,7 @@ def _kill_worker_in_wave(monkeypatch, ray, wave_number: int) -> None:
             _wait_until_dead(ray, actor)  # ray.kill is asynchronous: die in this very wave
         return original(self, number, history)
 
-    monkeypatch.setattr(reestimate_ray.Driver, "wave", wave)
+    monkeypatch.setattr(ray_engine.Driver, "wave", wave)
 
 
 def test_a_worker_killed_mid_wave_is_replaced_and_the_answer_is_unchanged(
@@ -174,19 +174,19 @@ def test_a_worker_that_stays_dead_fails_the_run_with_one_line(
 ):
     folder = _shards(tmp_path / "shards", images, (24, 24))
     model = write_model(net)
-    from bnsurgery.measure import ray as reestimate_ray
+    from bnsurgery.measure import ray as ray_engine
 
     _kill_worker_in_wave(monkeypatch, ray_cluster, 2)
     with pytest.raises(EnvironmentProblem, match=r"died in wave 2 .*no statistics were written"):
         _ray(net, folder, "exact", workers=2, retries=0)
     # the CLI retries once: the replacement dies too
-    replay = reestimate_ray.Driver._replay
+    replay = ray_engine.Driver.replay
 
     def replay_and_die(self, i, history):
         ray_cluster.kill(self.actors[i], no_restart=True)
         return replay(self, i, history)
 
-    monkeypatch.setattr(reestimate_ray.Driver, "_replay", replay_and_die)
+    monkeypatch.setattr(ray_engine.Driver, "replay", replay_and_die)
     out = tmp_path / "out.onnx"
     code, _, err = cli(
         "reestimate", model, "--data", folder, "--engine", "ray", "--workers", "2",

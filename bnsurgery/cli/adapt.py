@@ -23,8 +23,9 @@ from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.reestimate import measure_opt_level_option, render_reestimate
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
+from bnsurgery.measure.engine import MODES
+from bnsurgery.measure.feeds import MIN_SAMPLES
 from bnsurgery.onnxio import load_model
-from bnsurgery.passes.reestimate import MIN_SAMPLES, MODES
 
 EXAMPLE = """\b
 Example:

@@ -26,14 +26,12 @@ from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
 from bnsurgery.harness.report import text_table
+from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
+from bnsurgery.measure.engine import MODES
+from bnsurgery.measure.feeds import MIN_SAMPLES
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes.adapt_auto import guarded
-from bnsurgery.passes.reestimate import (
-    DEFAULT_MEMORY_BUDGET,
-    MEASURE_OPT_LEVEL,
-    MIN_SAMPLES,
-    MODES,
-)
 from bnsurgery.passes.source_relative import is_stats_file
 from bnsurgery.runtime.providers import OPT_LEVELS
 

@@ -9,8 +9,8 @@ Where a ResNet-50 re-estimation's memory went, beyond a plain forward pass over 
 - Building a session serialises its sub-model (a copy of the weights), and protobuf frees the
   sub-model's buffers to glibc's heap, which keeps them: `release_free_heap` hands free heap
   pages back to the system once a session exists.
-- Exact mode's wave cache holds stage-boundary activations of every sample; `cache_budget`
-  turns a whole-process `max_memory` into the cache's share of it.
+- Exact mode's wave cache holds stage-boundary activations of every sample, within
+  `memory_budget` (bnsurgery.measure.cache).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Re-estimation on a Ray cluster: the driver (docs/scale.md).
 
 DATA is cut into shards (the .npz/.npy files of a folder or glob, read by Ray Data, or the
-blocks of a `ray.data.Dataset`); each worker, a Ray actor (bnsurgery.passes
-.reestimate_ray_worker), owns a contiguous run of shards for the whole job and runs the local
-engine on them, with one ONNX Runtime session per sub-model.
+blocks of a `ray.data.Dataset`); each worker, a Ray actor (bnsurgery.measure.ray_worker),
+owns a contiguous run of shards for the whole job and runs the local engine on them, with one
+ONNX Runtime session per sub-model.
 
 - **Batch mode:** one pass over all shards; each worker returns its pooled `Moments` per BN,
   the driver merges them (Chan, float64, a balanced tree).
@@ -39,8 +39,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnsurgery.errors import BadInputError, DataError, EnvironmentProblem
+from bnsurgery.errors import BadInputError, DataError, EnvironmentProblem, first_line
+from bnsurgery.measure.plan import Plan
 from bnsurgery.measure.ray_worker import Shard, ShardWorker, WaveResult, read_params
+from bnsurgery.measure.runner import Runner
+from bnsurgery.measure.targets import BnTarget
 from bnsurgery.stats import Moments, merge_all
 
 INSTALL = 'pip install "bnsurgery[ray]"'
@@ -58,7 +61,7 @@ def require_ray() -> Any:
         import ray.data  # the extra brings both
     except ImportError:
         raise EnvironmentProblem(
-            f"--engine ray needs Ray, which is not installed: {INSTALL}"
+            f"{{option}} ray needs Ray, which is not installed: {INSTALL}", option="engine"
         ) from None
     return ray
 
@@ -92,6 +95,16 @@ class RayRun:
     retried: list[str] = field(default_factory=list)
     worker_stats: list[dict[str, Any]] = field(default_factory=list)
     seconds_per_wave: list[float] = field(default_factory=list)
+
+    def engine_section(self) -> dict[str, Any]:
+        """The report's `engine` section."""
+        return {
+            "name": "ray",
+            "workers": self.workers,
+            "shards": self.shards,
+            "retried": self.retried,
+            "seconds_per_wave": [round(s, 4) for s in self.seconds_per_wave],
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,13 +142,15 @@ def data_shards(ray: Any, data: Any) -> tuple[list[Shard], str]:
         return [Shard("<arrays>", ray.put(dict(data)), "arrays")], "<arrays>"
     if not isinstance(data, str | os.PathLike):
         raise BadInputError(
-            "--engine ray reads DATA as .npz/.npy shards (a file, folder or glob) or a "
-            f"ray.data.Dataset, not {type(data).__name__}"
+            "{option} ray reads DATA as .npz/.npy shards (a file, folder or glob) or a "
+            f"ray.data.Dataset, not {type(data).__name__}",
+            option="engine",
         )
     text = os.fspath(data)
     if text.startswith("random:") or text.endswith(".py"):
         raise BadInputError(
-            f"--engine ray reads DATA as .npz/.npy shards (a file, folder or glob), not '{text}'"
+            f"{{option}} ray reads DATA as .npz/.npy shards (a file, folder or glob), not '{text}'",
+            option="engine",
         )
     files = shard_files(text)
     dataset = ray.data.read_binary_files(
@@ -200,8 +215,7 @@ def _quiet_ray_data() -> None:
 
 
 def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +346,7 @@ class Driver:
             while True:
                 try:
                     if ref is None:
-                        ref = self._replay(i, history)
+                        ref = self.replay(i, history)
                     results.append(self.ray.get(ref))
                     break
                 except self.ray.exceptions.RayActorError as exc:
@@ -351,8 +365,9 @@ class Driver:
             self.ray.get(actor.next_wave.remote())
             self.ray.get(actor.continue_with.remote(params))
 
-    def _replay(self, i: int, history: list[dict[str, np.ndarray]]) -> Any:
-        """A new worker caught up, then set to measure the current wave."""
+    def replay(self, i: int, history: list[dict[str, np.ndarray]]) -> Any:
+        """Worker `i`, just replaced, caught up with the earlier waves and set to measure the
+        current one; the reference of its result."""
         self._catch_up(i, history)
         return self.actors[i].next_wave.remote()
 
@@ -383,16 +398,16 @@ class Driver:
 
 def measure_on_ray(
     model: onnx.ModelProto,
-    targets: list[Any],
+    targets: list[BnTarget],
     data: Any,
-    on_wave: Callable[[list[Any], dict[str, Moments], int], None],
+    on_wave: Callable[[list[BnTarget], dict[str, Moments], int], None],
     *,
     mode: str,
     batch_size: int | None,
     samples: int | None,
     memory_budget: int,
-    nodes: str | None,
-    runner_options: Mapping[str, Any],
+    nodes: str | Sequence[str] | None,
+    runner: Runner,
     options: RayOptions,
 ) -> RayRun:
     """Measure the input statistics of `targets` on `data` on Ray, wave by wave in exact mode
@@ -400,9 +415,8 @@ def measure_on_ray(
     what it wrote into the BN parameters of that wave goes to every worker before the next.
 
     Raises EnvironmentProblem (exit 3) when Ray is missing or a worker stays dead, DataError
-    (exit 2) for data that does not fit (naming the shard)."""
-    from bnsurgery.passes.reestimate import Plan
-
+    (exit 2) for data that does not fit (naming the shard). `runner` gives the workers their
+    ONNX Runtime settings."""
     ray = require_ray()
     Plan.build(model, targets, single_wave=mode == "batch")  # the waves, as the workers plan them
     clock = time.perf_counter()
@@ -421,7 +435,7 @@ def measure_on_ray(
         if options.log is not None:
             options.log(f"ray: {len(shards)} shard(s) read in {time.perf_counter() - clock:.1f} s")
         worker_options = {
-            **{k: runner_options[k] for k in RUNNER_OPTIONS},
+            **{k: getattr(runner, k) for k in RUNNER_OPTIONS},
             "batch_size": batch_size,
             "memory_budget": memory_budget,
             "nodes": nodes,
@@ -497,60 +511,8 @@ def _run(driver, merged, results, total, waves, seconds) -> RayRun:
     )
 
 
-def measure_pass(pass_: Any, work: onnx.ModelProto, targets, writer, report) -> dict[str, Moments]:
-    """ReestimatePass's measuring step on Ray (`engine="ray"`): the statistics written
-    between waves are the pass's own (`pass_._write`, with its prior)."""
-    from bnsurgery.passes.reestimate import MIN_SAMPLES, check_samples
-
-    if pass_.samples is not None and pass_.samples < MIN_SAMPLES:
-        raise BadInputError(f"--samples must be >= {MIN_SAMPLES}, got {pass_.samples}")
-
-    # source-relative adaptation: the source moments, as the local engine loads them (a
-    # statistics file, or SOURCE measured in this process); the target is measured on Ray
-    pass_._load_source(pass_.mode, {t.key: t.channels for t in targets}, None, work, targets)
-    if pass_._source is not None:
-        report.extras["source_description"] = pass_._source_description
-
-    def on_wave(wave_targets, moments: dict[str, Moments], samples: int) -> None:
-        check_samples(samples)
-        for t in wave_targets:
-            pass_._write(writer, t, moments[t.key], samples)
-
-    runner = pass_.runner
-    run = measure_on_ray(
-        work,
-        targets,
-        pass_.data,
-        on_wave,
-        mode=pass_.mode,
-        batch_size=pass_.batch_size,
-        samples=pass_.samples,
-        memory_budget=pass_.memory_budget,
-        nodes=pass_.nodes,
-        runner_options={
-            "provider": runner.provider,
-            "opt_level": runner.opt_level,
-            "threads": runner.threads,
-            "shared_arena": runner.shared_arena,
-        },
-        options=pass_.ray_options or RayOptions(),
-    )
-    report.data = _describe_data(pass_.data, run)
-    report.samples = run.samples
-    report.batches = run.batches
-    report.batch_size = pass_.batch_size
-    report.run.passes = run.waves
-    report.extras["engine"] = {
-        "name": "ray",
-        "workers": run.workers,
-        "shards": run.shards,
-        "retried": run.retried,
-        "seconds_per_wave": [round(s, 4) for s in run.seconds_per_wave],
-    }
-    return run.moments
-
-
-def _describe_data(data: Any, run: RayRun) -> str:
+def describe_data(data: Any, run: RayRun) -> str:
+    """DATA as a report names it: its path or type, and the shards it was cut into."""
     if isinstance(data, str | os.PathLike):
         return f"{os.fspath(data)} ({run.shards} shards)"
     return f"<{type(data).__name__}> ({run.shards} shards)"

@@ -2,7 +2,7 @@
 
 A worker owns a fixed, contiguous run of shards for the whole job (so exact mode's wave cache
 of stage-boundary activations lives beside the data it came from), and runs the local engine
-of bnsurgery.passes.reestimate on them unchanged: the same plan, waves, sub-models, ONNX
+of bnsurgery.measure on them unchanged: the same plan, waves, sub-models, ONNX
 Runtime session per sub-model and cache. What differs is only where a wave ends: the worker
 hands its wave's `Moments` to the driver and waits for the BN parameters the driver wrote
 from the merged statistics of every worker, writes those same values into its own copy of the
@@ -14,6 +14,7 @@ This module imports no Ray at module level: the driver wraps `ShardWorker` with 
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 import zipfile
@@ -25,7 +26,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnsurgery.data import DataSource, input_specs
+from bnsurgery.data import batch_size_for as _batch_size
+from bnsurgery.data import split_arrays as _split_arrays
 from bnsurgery.errors import BnSurgeryError, DataError
+from bnsurgery.measure.batch import measure_batch_mode
+from bnsurgery.measure.exact import measure_waves
+from bnsurgery.measure.feeds import Feeds
+from bnsurgery.measure.runner import Runner, RunStats
+from bnsurgery.measure.targets import BnTarget, find_batchnorms
 from bnsurgery.stats import Moments
 
 
@@ -72,11 +81,7 @@ def shard_arrays(shard: Shard, block: Mapping[str, Any]) -> dict[str, np.ndarray
 def shard_source(model: onnx.ModelProto, shards: Sequence[Shard], batch_size: int | None):
     """A bnsurgery.data.DataSource over shards, each checked against the model's inputs with
     its own name in any message (the local engine's checks, shard by shard)."""
-    import ray
-
-    from bnsurgery.data import DataSource, input_specs
-    from bnsurgery.data import batch_size_for as _batch_size
-    from bnsurgery.data import split_arrays as _split_arrays
+    import ray  # optional: installed with the extra, imported only on a worker
 
     specs = input_specs(model)
     size = _batch_size(specs, batch_size)
@@ -100,8 +105,6 @@ class ShardWorker:
     `next_wave` and `continue_with` are called while the engine thread waits between waves)."""
 
     def __init__(self, model_bytes: bytes, options: Mapping[str, Any]) -> None:
-        import os
-
         self.model = onnx.ModelProto.FromString(model_bytes)
         self.options = dict(options)
         self.pid = os.getpid()
@@ -118,27 +121,19 @@ class ShardWorker:
         return [batch.size for batch in source._chunks()]
 
     # -- measuring ---------------------------------------------------------------------------
-    def _targets(self):
-        from bnsurgery.passes.reestimate import find_batchnorms
-
+    def _targets(self) -> list[BnTarget]:
         targets, _ = find_batchnorms(self.model, self.options.get("nodes"))
         return targets
 
-    def _runner(self):
-        from bnsurgery.passes.reestimate import Runner
-
+    def _runner(self) -> Runner:
         o = self.options
         return Runner(o["provider"], o["opt_level"], o["threads"], o["shared_arena"])
 
-    def _feeds(self, shards: Sequence[Shard], samples: int | None):
-        from bnsurgery.passes.reestimate import Feeds
-
+    def _feeds(self, shards: Sequence[Shard], samples: int | None) -> Feeds:
         return Feeds(shard_source(self.model, shards, self.options["batch_size"]), samples)
 
     def measure_batch(self, shards: Sequence[Shard], samples: int | None) -> WaveResult:
         """Batch mode: one pass over the shards, every BN on its batch statistics."""
-        from bnsurgery.passes.reestimate import RunStats, measure_batch_mode
-
         try:
             feeds = self._feeds(shards, samples)
             runner, stats = self._runner(), RunStats()
@@ -169,8 +164,6 @@ class ShardWorker:
         return True
 
     def _run_waves(self, shards: list[Shard], samples: int | None) -> None:
-        from bnsurgery.passes.reestimate import RunStats, measure_waves
-
         feeds = None
         counter = {"wave": 0}
         stats = RunStats()

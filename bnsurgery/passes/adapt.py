@@ -26,15 +26,13 @@ from typing import Any
 import onnx
 
 from bnsurgery.errors import UsageError
+from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.fold.rewrite import FoldPass
 from bnsurgery.passes.insert import InsertPass, InsertReport
-from bnsurgery.passes.reestimate import (
-    DEFAULT_MEMORY_BUDGET,
-    MEASURE_OPT_LEVEL,
-    ReestimatePass,
-)
+from bnsurgery.passes.reestimate import ReestimatePass
 from bnsurgery.passes.verify import verify_fold
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from typing import Any
 
 import onnx
 
+from bnsurgery.measure.targets import find_batchnorms
 from bnsurgery.passes import PassResult
 from bnsurgery.passes.adapt_guard import (
     DEFAULT_MAX_DROP,
@@ -36,7 +37,6 @@ from bnsurgery.passes.adapt_guard import (
     read_all,
     split,
 )
-from bnsurgery.passes.reestimate import find_batchnorms
 
 # The BNs to adapt: a regex, exact names, or None for all of them.
 Nodes = str | Sequence[str] | None

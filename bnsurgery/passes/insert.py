@@ -36,22 +36,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnsurgery.errors import BadInputError, UsageError
+from bnsurgery.measure.exact import measure_waves
+from bnsurgery.measure.feeds import check_samples, open_data
+from bnsurgery.measure.params import ParamWriter, add_initializer
+from bnsurgery.measure.report import BnChange, ReestimateReport
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, Runner
+from bnsurgery.measure.targets import compile_nodes, find_batchnorms
 from bnsurgery.model.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.model.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassBase, PassResult, register
-from bnsurgery.passes.reestimate import (
-    MEASURE_OPT_LEVEL,
-    BnChange,
-    ParamWriter,
-    ReestimateReport,
-    Runner,
-    add_initializer,
-    check_samples,
-    compile_nodes,
-    find_batchnorms,
-    measure_waves,
-    open_data,
-)
 from bnsurgery.stats import StatsSet
 
 logger = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ so shards merge and apply with `reestimate --stats`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnsurgery.errors import DataError
+from bnsurgery.errors import DataError, UsageError
+from bnsurgery.measure.engine import measure
+from bnsurgery.measure.feeds import Feeds, check_samples, open_data
+from bnsurgery.measure.runner import Runner, RunStats
+from bnsurgery.measure.targets import BnTarget
 from bnsurgery.stats import FORMAT, Moments, StatsSet
+
+logger = logging.getLogger(__name__)
 
 TINY_VAR = 1e-6  # times eps: a composed variance below it is clamped to 0 (scale compensated)
 
@@ -124,36 +131,28 @@ def saved_source(source: StatsSet | str | Path, mode: str, expected: dict[str, i
 
 def measure_source(
     model: onnx.ModelProto,
-    targets: list[Any],
-    feeds: Any,
+    targets: list[BnTarget],
+    feeds: Feeds,
     mode: str,
-    runner: Any,
+    runner: Runner,
     memory_budget: int,
-) -> tuple[StatsSet, Any]:
+) -> tuple[StatsSet, RunStats]:
     """Every target BN's input moments on SOURCE, with the model as it is: one pass (exact
     mode: stored statistics everywhere; batch mode: batch statistics everywhere)."""
-    from bnsurgery.passes.reestimate import (
-        RunStats,
-        check_samples,
-        measure_batch_mode,
-        measure_waves,
-    )
-
     stats = RunStats()
-    if mode == "batch":
-        measured = measure_batch_mode(model, targets, feeds, runner=runner, stats=stats)
-    else:
-        measured = measure_waves(
-            model,
-            targets,
-            feeds,
-            lambda wave, moments: None,
-            runner=runner,
-            memory_budget=memory_budget,
-            single_wave=True,
-            stats=stats,
-        )
+    measured = measure(
+        model,
+        targets,
+        feeds,
+        lambda wave, moments: None,
+        mode=mode,
+        runner=runner,
+        memory_budget=memory_budget,
+        single_wave=True,
+        stats=stats,
+    )
     check_samples(feeds.seen_samples)
+    logger.info("source: %d BN(s) measured on %d sample(s)", len(measured), feeds.seen_samples)
     return StatsSet(mode, measured, feeds.seen_samples), stats
 
 
@@ -163,13 +162,11 @@ def resolve_source(
     expected: dict[str, int],
     saved: StatsSet | None,
     work: onnx.ModelProto | None,
-    targets: list[Any] | None,
+    targets: list[BnTarget] | None,
 ) -> tuple[StatsSet | None, str | None]:
     """(source moments, description) for a ReestimatePass: its `source` option (DATA, measured
-    on `work` as it is; a StatsSet; a statistics file), else those saved with --stats."""
-    from bnsurgery.errors import UsageError
-    from bnsurgery.passes.reestimate import open_data
-
+    on `work` as it is; a StatsSet; a statistics file), else those saved with the applied
+    statistics."""
     source = options.source
     if source is None:
         return saved, None
@@ -177,7 +174,10 @@ def resolve_source(
         label = None if isinstance(source, StatsSet) else str(source)
         return saved_source(source, mode, expected), label
     if work is None or targets is None:
-        raise UsageError("source DATA is measured together with target DATA, not with --stats")
+        raise UsageError(
+            "source DATA is measured together with target DATA, not with {option}",
+            option="stats",
+        )
     feeds = open_data(
         source, work, samples=options.samples, batch_size=options.batch_size, shapes=options.shapes
     )
