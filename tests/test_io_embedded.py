@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from bnsurgery.errors import BadInputError
 from bnsurgery.onnxio import load as io
 from bnsurgery.onnxio import wire
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 SAMPLE_NAMES = ["digits_cnn.onnx", "digits_cnn_nobn.onnx", "digits_mlp.onnx", "resnet_small.onnx"]
 

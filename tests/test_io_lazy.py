@@ -15,7 +15,7 @@ import pytest
 
 from bnsurgery.errors import BadInputError, UnsafePathError
 from bnsurgery.onnxio import load as io
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 
 def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:

@@ -148,7 +148,7 @@ def register(name: str) -> Callable[[Callable[..., Pass]], Callable[..., Pass]]:
 # Modules whose import registers the built-in passes (a missing one is skipped: passes land
 # one by one).
 BUILTIN_PASS_MODULES = (
-    "bnsurgery.passes.fold.rewrite",
+    "bnsurgery.passes.fold",
     "bnsurgery.passes.insert",
     "bnsurgery.passes.reestimate",
     "bnsurgery.validation.gate",
