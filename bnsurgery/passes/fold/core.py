@@ -186,18 +186,22 @@ class _ScopeFolder:
         for node in list(self.ctx.scope.nodes):
             if is_batchnorm(node):
                 key = id(node)
-                if key in decisions and decisions[key][1].action == "folded":
+                previous = decisions[key][1] if key in decisions else None
+                if previous is not None and previous.action == "folded":
                     continue
-                decision = self.fold_bn(BnSite(node, self.ctx.index))
+                # Named as in the original model: a fold into this BN may have renamed its
+                # output since it was first seen.
+                label = previous.node if previous is not None else None
+                decision = self.fold_bn(BnSite(node, self.ctx.index), label)
                 decisions[key] = (node, decision)
                 changed |= decision.action == "folded"
             elif self.ctx.state.affine and node.op_type in AFFINE_OPS and node.domain == "":
                 changed |= self.fold_elementwise(node)
         return changed
 
-    def fold_bn(self, bn: BnSite) -> BnDecision:
+    def fold_bn(self, bn: BnSite, label: str | None = None) -> BnDecision:
         """Fold forward if it can, else backward; kept with the most telling reason."""
-        decision = BnDecision(node=bn.label, scope=bn.scope, action="kept", reason="")
+        decision = BnDecision(node=label or bn.label, scope=bn.scope, action="kept", reason="")
         try:
             site = bn_affine(bn)
         except Refusal as refusal:
