@@ -137,7 +137,7 @@ FOLD_TASKS: dict[str, Callable[[str, str], None]] = {
 FOLD_IMPORTS = {
     "floor": ["onnx"],
     "floor_external": ["onnx"],
-    "api": ["bnsurgery", "bnsurgery.passes.fold.rewrite"],
+    "api": ["bnsurgery", "bnsurgery.passes.fold"],
     "api_file": ["bnsurgery", "bnsurgery.passes.fold.streamed"],
     "onnxoptimizer": ["onnx", "onnxoptimizer"],
     "onnxsim": ["onnx", "onnxsim"],

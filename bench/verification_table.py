@@ -41,7 +41,7 @@ import onnx  # noqa: E402
 
 from bnsurgery.data import random_spec  # noqa: E402
 from bnsurgery.harness.compare import compare_models  # noqa: E402
-from bnsurgery.passes.fold.rewrite import FoldPass  # noqa: E402
+from bnsurgery.passes.fold import FoldPass  # noqa: E402
 
 DOC = REPO / "docs" / "verification.md"
 WRONG = ("eps_x100", "gamma_1pct", "mean_half_sd", "fp16_weights")

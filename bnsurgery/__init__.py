@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from bnsurgery.harness.compare import CompareReport
     from bnsurgery.onnxio import ModelSource
     from bnsurgery.passes import PassResult
-    from bnsurgery.passes.fold.rewrite import FoldReport
+    from bnsurgery.passes.fold import FoldReport
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
@@ -61,17 +61,17 @@ def fold(
     original's rounding noise (docs/verification.md). verify_options: samples, seed, shapes,
     data, atol, rtol.
     """
-    from bnsurgery.passes.fold.rewrite import FoldPass
+    from bnsurgery.passes.fold import FoldPass
 
     loaded = load_model(model)
-    # A model we loaded ourselves (path, bytes, onnx-ir) is ours to rewrite: no deep copy.
+    # A model we loaded ourselves (path, bytes, onnx-ir) is ours to rewrite: no deep copy; the
+    # verification then loads the original again from `model`.
     owned = loaded is not model
-    result = FoldPass(backward=backward, affine=affine, in_place=owned)(loaded)
-    if verify:
-        from bnsurgery.passes.verify import verify_fold
-
-        verify_fold(load_model(model, check=False), result, **verify_options)
-    return result
+    fold_pass = FoldPass(
+        backward=backward, affine=affine, in_place=owned, verify=verify, source=model,
+        **verify_options,
+    )  # fmt: skip
+    return fold_pass(loaded)
 
 
 def fold_file(

@@ -21,7 +21,7 @@ from deep_builder import batch_feeds, torch_scope
 from onnx import helper, numpy_helper
 
 from bnsurgery.passes import PassResult
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 NAMES = list(dm.CORPUS)
 BN_COUNT = {

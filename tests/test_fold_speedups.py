@@ -1,7 +1,7 @@
 """The fold's fast paths compute exactly what the plain code computes.
 
 `fold_math.Scaled` + `cast_checked` (a block-by-block scale and cast) must give the same bits
-and the same overflow decisions as casting `float64(W) * s`; `_replace_tensor_value` must leave
+and the same overflow decisions as casting `float64(W) * s`; `replace_tensor_value` must leave
 the same TensorProto as `CopyFrom(from_array(value))`.
 """
 
@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from bnsurgery.model.edit import replace_tensor_value
 from bnsurgery.passes.fold import arithmetic as fm
-from bnsurgery.passes.fold.rewrite import _replace_tensor_value
 
 
 def plain_cast(w: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
@@ -60,5 +60,5 @@ def test_replace_tensor_value_equals_copy_from(dtype) -> None:
     expected.CopyFrom(original)
     actual.CopyFrom(original)
     expected.CopyFrom(numpy_helper.from_array(value, "w"))
-    _replace_tensor_value(actual, value)
+    replace_tensor_value(actual, value)
     assert actual.SerializeToString() == expected.SerializeToString()

@@ -13,6 +13,7 @@ from bnsurgery.model.graph import (
     NameGenerator,
     default_opset,
     free_names,
+    index_scopes,
     iter_scopes,
 )
 
@@ -23,12 +24,7 @@ def main_index(model: onnx.ModelProto) -> GraphIndex:
 
 def indexes(model: onnx.ModelProto) -> dict[str, GraphIndex]:
     """Every scope's index, parents linked, keyed by scope path."""
-    built: dict[int, GraphIndex] = {}
-    by_path: dict[str, GraphIndex] = {}
-    for scope in iter_scopes(model):
-        parent = built.get(id(scope.parent)) if scope.parent is not None else None
-        built[id(scope)] = by_path[scope.path] = GraphIndex(scope, parent)
-    return by_path
+    return {index.scope.path: index for index in index_scopes(model)}
 
 
 def constants_model(extra_nodes, extra_inits=(), inputs=()) -> GraphIndex:

@@ -23,7 +23,7 @@ from bnsurgery import onnxio as io
 from bnsurgery.errors import BadInputError
 from bnsurgery.onnxio import load as onnxio_load
 from bnsurgery.onnxio import wire
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 SAMPLE_NAMES = ["digits_cnn.onnx", "digits_cnn_nobn.onnx", "digits_mlp.onnx", "resnet_small.onnx"]
 

@@ -16,7 +16,7 @@ import pytest
 from bnsurgery import onnxio as io
 from bnsurgery.errors import BadInputError, UnsafePathError
 from bnsurgery.onnxio.lazy import SOURCE_KEY
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 
 def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:

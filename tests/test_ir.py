@@ -115,7 +115,7 @@ def test_every_api_function_accepts_an_onnx_ir_model():
     assert bnsurgery.insert(model).report.to_dict()["inserted"] == []
     data = {"input": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
     assert bnsurgery.reestimate(model, data).modified
-    assert bnsurgery.Pipeline([bnsurgery.passes.fold.rewrite.FoldPass()]).run(model).modified
+    assert bnsurgery.Pipeline([bnsurgery.passes.fold.FoldPass()]).run(model).modified
     assert_bn_healthy(model)
     assert_fold_equivalent(model, expect_folded=2)
 

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 import bnsurgery
 from bnsurgery.harness.metrics import NOISE_LIMIT, compare_arrays
 from bnsurgery.harness.noise import rounding_noise_copy
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.verify import verify_equivalent
 
 FP32_DEEP = ["resnet50", "mobilenetv2", "efficientnet_b0_trained", "regnetx", "densenet"]

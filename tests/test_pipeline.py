@@ -14,7 +14,7 @@ from conftest import SAMPLES, sha256
 import bnsurgery
 from bnsurgery.errors import BadInputError
 from bnsurgery.passes import Pipeline, PipelineReport
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 from bnsurgery.pipeline.config import SourceLines, load_pipeline, parse_pipeline
 from bnsurgery.pipeline.registry import make_pass, registry
 from bnsurgery.validation.gate import ValidatePass, ValidationReport
@@ -163,7 +163,8 @@ BAD = [
     ("unknown-pass", '[[step]]\npass = "fold"\n\n[[step]]\npass = "folt"\n', 5,
      "step 2: unknown pass 'folt' (known: adapt, fold, insert"),
     ("unknown-option", '[[step]]\npass = "fold"\n# comment\nbakward = true\n', 4,
-     "step 1 (fold): unknown option 'bakward' (known: affine, backward, in_place)"),
+     "step 1 (fold): unknown option 'bakward' (known: affine, atol, backward, data, in_place, "
+     "label, rtol, samples, seed, shapes, source, verify)"),
     ("wrong-type", '[[step]]\npass = "validate"\nskip = [\n  "a",\n]\nfail_on = 3\n', 6,
      "option 'fail_on' = 3 has the wrong type (expected a string)"),
     ("wrong-bool", '[[step]]\npass = "fold"\nbackward = "yes"\n', 3,

@@ -43,7 +43,7 @@ def test_fold_equivalence_fails_on_a_wrong_fold(monkeypatch):
     import numpy as np
     import onnx
 
-    from bnsurgery.passes.fold.rewrite import FoldPass
+    from bnsurgery.passes.fold import FoldPass
 
     real = FoldPass.__call__
 

@@ -303,7 +303,7 @@ def test_not_folded_passes_a_folded_model():
 
 
 def test_fold_verification_reports_a_wrong_fold(monkeypatch):
-    from bnsurgery.passes.fold.rewrite import FoldPass
+    from bnsurgery.passes.fold import FoldPass
 
     real = FoldPass.__call__
 

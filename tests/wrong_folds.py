@@ -21,7 +21,7 @@ from deep_builder import batch_feeds
 from models import run_ort, run_reference
 from onnx import TensorProto, numpy_helper
 
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 DEFAULT_EPSILON = 1e-5  # BatchNormalization's default when the attribute is absent

@@ -13,8 +13,8 @@ from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.harness.metrics import ratio_text
 from bnsurgery.onnxio import load_model
+from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.fold.report import FoldReport
-from bnsurgery.passes.fold.rewrite import FoldPass
 from bnsurgery.passes.fold.streamed import fold_file_checked
 from bnsurgery.passes.fold.verify_folds import summary_line
 

@@ -82,7 +82,7 @@ def assert_fold_equivalent(
     expect_folded: also assert exactly this many BNs were folded.
     """
     from bnsurgery.onnxio import load_model
-    from bnsurgery.passes.fold.rewrite import FoldPass
+    from bnsurgery.passes.fold import FoldPass
     from bnsurgery.passes.verify import failure_text, verify_equivalent
 
     original = load_model(model)

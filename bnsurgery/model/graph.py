@@ -162,6 +162,16 @@ def _walk(scope: Scope) -> Iterator[Scope]:
             yield from _walk(child)
 
 
+def index_scopes(model: onnx.ModelProto) -> list[GraphIndex]:
+    """One GraphIndex per scope, in iter_scopes order (enclosing scopes first); the index of a
+    subgraph has its enclosing scope's index as parent, so outer constants resolve inside it."""
+    built: dict[int, GraphIndex] = {}
+    for scope in iter_scopes(model):
+        parent = built.get(id(scope.parent)) if scope.parent is not None else None
+        built[id(scope)] = GraphIndex(scope, parent)
+    return list(built.values())
+
+
 class GraphIndex:
     """Producers, consumers and constants of one scope, kept current through its edit methods."""
 

@@ -30,7 +30,7 @@ from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
 from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes import PassBase, PassResult, register
-from bnsurgery.passes.fold.rewrite import FoldPass
+from bnsurgery.passes.fold import FoldPass
 from bnsurgery.passes.insert import InsertPass, InsertReport
 from bnsurgery.passes.reestimate import ReestimatePass
 from bnsurgery.passes.verify import verify_fold

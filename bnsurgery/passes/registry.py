@@ -21,7 +21,7 @@ _REGISTERED: dict[str, PassFactory] = {}
 
 # The modules of this layer whose import registers a built-in pass.
 BUILTIN_PASS_MODULES = (
-    "bnsurgery.passes.fold.rewrite",
+    "bnsurgery.passes.fold",
     "bnsurgery.passes.insert",
     "bnsurgery.passes.reestimate",
     "bnsurgery.passes.adapt",

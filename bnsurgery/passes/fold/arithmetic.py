@@ -2,7 +2,7 @@
 
 Every function takes and returns numpy arrays (no protos); inputs are promoted to float64 and
 the caller casts results back to the stored dtype (see `cast_checked`). Forward folds apply the
-affine to the op's output channels, backward folds to its input channels (DESIGN.md §4).
+affine to the op's output channels, backward folds to its input channels (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""The fold report: one decision per BatchNormalization node, with a stable reason code."""
+"""The fold report: one decision per BatchNormalization node, with a stable reason code.
+
+A BN is named as every report names it (model.sites.bn_label)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Stable reason codes (DESIGN.md §4, plus bad-statistics and backward-disabled). Documented in
-# README.md and docs/fold.md; tests and reports rely on them.
+# Stable reason codes (docs/design.md, the fold arithmetic). Documented in README.md and
+# docs/fold.md; tests and reports rely on them.
 REASONS: dict[str, str] = {
     "folded": "folded into the linear op (or BN) that produces its input",
     "folded-backward": "folded into the linear op that consumes its output",
@@ -26,11 +28,6 @@ REASONS: dict[str, str] = {
     "backward-disabled": "only a backward fold was possible and --no-backward was given",
 }
 FOLDED = ("folded", "folded-backward")
-
-
-def bn_label(node: Any) -> str:
-    """How reports name a BatchNormalization node: its name, or BatchNormalization(output)."""
-    return node.name or f"BatchNormalization({node.output[0]})"
 
 
 @dataclass

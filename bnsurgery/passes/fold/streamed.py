@@ -1,11 +1,11 @@
 """Fold a model file into another file, the fast way: what `bnsurgery fold` and
 `bnsurgery.fold_file` run.
 
-The model is loaded lazily (io.load_model(..., external_data="lazy")): large weights, embedded
-or external, stay in their file until the pass reads them, and the ones it does not rewrite
-are copied file to file on save. Without verification the pass rewrites the loaded model in
-place. With verification the original and the folded model are run on ONNX Runtime first
-(bnsurgery.passes.verify), and nothing is written when they disagree.
+The model is loaded lazily (onnxio.load.load_model(..., external_data="lazy")): large weights,
+embedded or external, stay in their file until the pass reads them, and the ones it does not
+rewrite are copied file to file on save. Without verification the pass rewrites the loaded
+model in place. With verification (the pass's postcondition) the original and the folded model
+are run on ONNX Runtime first, and nothing is written when they disagree.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bnsurgery.errors import CheckFailed
-from bnsurgery.onnxio import has_external_files, is_lazy, load_model, materialize, save_model
-from bnsurgery.passes import PassResult
+from bnsurgery.onnxio import has_external_files, load_model, save_model
+from bnsurgery.passes.fold.core import FoldPass, VerificationFailed
 from bnsurgery.passes.fold.report import FoldReport
-from bnsurgery.passes.fold.rewrite import FoldPass
 
 
 def fold_file_checked(
@@ -37,22 +36,18 @@ def fold_file_checked(
     On a verification failure nothing is written; the report still says what fold did.
     """
     original = load_model(model, external_data="lazy")
-    lazy = is_lazy(original)
     keeps_external = external_data or has_external_files(original)
-    result = FoldPass(backward=backward, affine=affine, in_place=not verify)(original)
-    report: FoldReport = result.report  # type: ignore[assignment]
-    if verify:
-        from bnsurgery.passes.verify import verify_fold
-
-        reference, candidate = original, result
-        if lazy:  # the runtimes need the weights in memory
-            reference = materialize(original)
-            candidate = PassResult(materialize(result.model), report, result.modified)
-        try:
-            verify_fold(reference, candidate, shapes=shapes, label=str(model))
-        except CheckFailed as exc:
-            return report, None, exc
+    # Verifying needs the original beside the folded model, so the fold then works on a copy.
+    fold = FoldPass(
+        backward=backward, affine=affine, in_place=not verify, verify=verify, shapes=shapes,
+        label=str(model),
+    )  # fmt: skip
+    try:
+        result = fold(original)
+    except VerificationFailed as failure:
+        assert failure.result is not None
+        return failure.result.report, None, failure  # type: ignore[return-value]
     written = save_model(
         result.model, output, external_data=True if keeps_external else None, stream=True
     )
-    return report, written, None
+    return result.report, written, None  # type: ignore[return-value]

@@ -17,7 +17,8 @@ from typing import Any
 import onnx
 
 from bnsurgery.harness.metrics import ratio_text
-from bnsurgery.passes.fold.report import FoldReport, bn_label
+from bnsurgery.model.sites import bn_label
+from bnsurgery.passes.fold.report import FoldReport
 
 
 def fold_tensor(model: onnx.ModelProto, entry: Any) -> str | None:

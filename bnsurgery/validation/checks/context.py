@@ -1,9 +1,9 @@
 """What checks look at: the model, its BatchNormalization nodes, the dry-run fold, the data.
 
 Everything is computed once, on first use, and shared by every check (and plugin check): the BN
-list with constant parameters read through GraphIndex (initializers, Constant nodes and
-constant-foldable chains, in every scope), the fold pass's result on a copy of the model, and
-the DATA source.
+sites of model.sites (every scope, named as fold's report names them) with their constant
+parameters in float64, tensor types from model.shapes, the fold pass's result on a copy of the
+model, and the DATA source.
 """
 
 from __future__ import annotations
@@ -13,34 +13,28 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import onnx
 
 from bnsurgery.errors import BnSurgeryError, is_onnxruntime_error
-from bnsurgery.model.bn import BatchNormView, BnParams, check_param_shapes
-from bnsurgery.model.graph import GraphIndex, Scope, iter_scopes
+from bnsurgery.model import sites
+from bnsurgery.model.bn import BatchNormView, BnParams
+from bnsurgery.model.graph import GraphIndex, index_scopes
+from bnsurgery.model.shapes import TensorShapes
 from bnsurgery.passes import PassResult
-from bnsurgery.passes.fold.report import bn_label
+from bnsurgery.passes.fold import FoldPass
 from bnsurgery.validation.checks import Skip
 
 
-@dataclass
-class BnSite:
-    """One BatchNormalization node, its scope, its view and (when constant) its parameters."""
+@dataclass(eq=False)
+class BnSite(sites.BnSite):
+    """A BN site (node, scope, label) with what the checks read of it, computed once: its
+    view and (when constant and well formed) its parameters in float64."""
 
-    node: onnx.NodeProto
-    scope: str
-    index: GraphIndex
-    view: BatchNormView | None
-    params: BnParams | None  # float64; None when a parameter is not a constant
-    param_dtype: int | None  # ONNX element type of the stored variance (or scale)
-    x_dtype: int | None  # ONNX element type of the input X, when known
+    view: BatchNormView | None = None
+    params: BnParams | None = None  # float64; None when a parameter is not a constant
+    param_dtype: int | None = None  # ONNX element type of the stored variance (or scale)
+    x_dtype: int | None = None  # ONNX element type of the input X, when known
     problem: str | None = None  # why the view or the parameters are unusable
-
-    @property
-    def label(self) -> str:
-        """The name reports use (the same as the fold report's)."""
-        return bn_label(self.node)
 
     @property
     def epsilon(self) -> float:
@@ -105,81 +99,49 @@ class ValidationContext:
     # -- scopes and BNs --------------------------------------------------------------------
     @cached_property
     def indexes(self) -> list[GraphIndex]:
-        indexes: dict[int, GraphIndex] = {}
-        ordered = []
-        for scope in iter_scopes(self.model):
-            parent = indexes.get(id(scope.parent)) if scope.parent is not None else None
-            index = GraphIndex(scope, parent)
-            indexes[id(scope)] = index
-            ordered.append(index)
-        return ordered
+        """One GraphIndex per scope, enclosing scopes first (model.graph.index_scopes)."""
+        return index_scopes(self.model)
 
     @cached_property
-    def tensor_types(self) -> dict[str, int]:
-        """Element types of named tensors: declared, then from (non-strict) shape inference."""
-        types: dict[str, int] = {}
-        graphs = [self.model.graph]
-        try:
-            if self.model.ByteSize() < (1 << 30):
-                graphs.insert(0, onnx.shape_inference.infer_shapes(self.model).graph)
-        except Exception:  # inference is a help here, the shape-inference check judges it
-            pass
-        for graph in graphs:
-            for value in [*graph.input, *graph.value_info, *graph.output]:
-                if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-                    types.setdefault(value.name, value.type.tensor_type.elem_type)
-        return types
+    def tensor_shapes(self) -> TensorShapes:
+        """Declared and (permissively) inferred shapes and types: the shape-inference check
+        judges inference itself."""
+        return TensorShapes(self.model)
 
     def batchnorms(self) -> list[BnSite]:
         return self._batchnorms
 
     @cached_property
     def _batchnorms(self) -> list[BnSite]:
-        sites = []
-        for index in self.indexes:
-            for node in index.scope.nodes:
-                if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-                    sites.append(self._site(index, index.scope, node))
-        return sites
+        return [self._site(site) for site in sites.sites_of(self.indexes)]
 
-    def _site(self, index: GraphIndex, scope: Scope, node: onnx.NodeProto) -> BnSite:
-        x_dtype = self.tensor_types.get(node.input[0]) if node.input else None
+    def _site(self, site: sites.BnSite) -> BnSite:
+        node, index = site.node, site.index
+        x_dtype = self.tensor_shapes.elem_type(node.input[0]) if node.input else None
         try:
-            view = BatchNormView.of(node, scope.opset)
+            view = site.view()
         except BnSurgeryError as exc:
-            return BnSite(node, scope.path, index, None, None, None, x_dtype, str(exc))
+            return BnSite(node, index, x_dtype=x_dtype, problem=str(exc))
         if x_dtype is None:
             x_dtype = index.tensor_dtype(view.x)
         names = view.param_names
-        values = [index.constant(name) for name in names]
-        param_dtype = index.tensor_dtype(names[3]) or index.tensor_dtype(names[0])
+        known = BnSite(node, index, view, None, None, x_dtype)
+        known.param_dtype = index.tensor_dtype(names[3]) or index.tensor_dtype(names[0])
+        values = site.param_values(view)
         if any(v is None for v in values):
-            return BnSite(node, scope.path, index, view, None, param_dtype, x_dtype)
-        if any(v.dtype.kind not in "fc" and not _is_bfloat16(v) for v in values):  # type: ignore[union-attr]
-            return BnSite(
-                node, scope.path, index, view, None, param_dtype, x_dtype,
-                "parameters are not floating point",
-            )  # fmt: skip
-        arrays = [np.asarray(v, dtype=np.float64) for v in values]  # type: ignore[arg-type]
-        problem = None
+            return known
+        if not all(sites.is_float_array(v) for v in values):  # type: ignore[arg-type]
+            known.problem = "parameters are not floating point"
+            return known
         try:
-            if view.spatial:
-                check_param_shapes(view.name, *arrays)
-            elif len({a.shape for a in arrays}) != 1:
-                raise BnSurgeryError(
-                    f"BatchNormalization {view.name!r} (spatial=0) has parameters of different "
-                    f"shapes: {', '.join(str(list(a.shape)) for a in arrays)}"
-                )
+            known.params = sites.float64_params(view, values, name=view.name)
         except BnSurgeryError as exc:
-            problem = str(exc)
-        params = None if problem else BnParams(*(a.reshape(-1) for a in arrays))
-        return BnSite(node, scope.path, index, view, params, param_dtype, x_dtype, problem)
+            known.problem = str(exc)
+        return known
 
     # -- the dry-run fold ------------------------------------------------------------------
     @cached_property
     def _fold(self) -> PassResult | BnSurgeryError:
-        from bnsurgery.passes.fold.rewrite import FoldPass
-
         try:
             return FoldPass()(self.model)
         except BnSurgeryError as exc:
@@ -264,12 +226,6 @@ def _describe(data: Any) -> str:
     if isinstance(data, str | os.PathLike):
         return str(data)
     return f"<{type(data).__name__}>"
-
-
-def _is_bfloat16(value: np.ndarray) -> bool:
-    from bnsurgery.passes.fold.arithmetic import _BF16
-
-    return _BF16 is not None and value.dtype == _BF16
 
 
 def describe_mismatch(metrics: Any) -> str:

@@ -8,15 +8,10 @@ from pathlib import Path
 
 import onnx
 
-from bnsurgery.errors import BadInputError
+from bnsurgery.errors import BadInputError, first_line
 from bnsurgery.onnxio import EXTERNAL_DATA_THRESHOLD, check_model
 from bnsurgery.validation.checks import Finding, check
 from bnsurgery.validation.checks.context import ValidationContext
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @check(
@@ -53,7 +48,8 @@ def shape_inference(ctx: ValidationContext) -> Iterator[Finding]:
                 ctx.model, check_type=True, strict_mode=True, data_prop=True
             )
     except Exception as exc:  # InferenceError, ValidationError, or a protobuf complaint
-        yield shape_inference.finding(f"strict shape inference fails: {_first_line(exc)}")
+        why = first_line(exc) or type(exc).__name__
+        yield shape_inference.finding(f"strict shape inference fails: {why}")
 
 
 def _infer_large(model: onnx.ModelProto) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from bnsurgery.errors import first_line
 from bnsurgery.runtime.providers import OPT_LEVELS
 from bnsurgery.validation.checks import Finding, Skip, check
 from bnsurgery.validation.checks.context import ValidationContext, describe_mismatch
@@ -34,7 +35,7 @@ def provider_parity(ctx: ValidationContext) -> Iterator[Finding]:
     )
     if isinstance(report, Exception):  # onnxruntime cannot load or run the model
         exc = report
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         yield provider_parity.finding(
             f"the model does not run on onnxruntime ({', '.join(providers)}): "
             f"{type(exc).__name__}: {first[:300]}",
