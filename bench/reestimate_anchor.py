@@ -1,7 +1,7 @@
 """Re-estimation through the CLI, in fresh processes, against one forward pass and torch.
 
 bench/reestimate_speed.py (owned by the re-estimation work) times the API in one process against
-one ORT pass. This script is the issue-6 end-to-end view: for sample_models/resnet_small.onnx
+one ORT pass. This script is the end-to-end view: for sample_models/resnet_small.onnx
 and the ResNet-50-sized model of bench/_common.py, on the same 512 seeded random samples (saved
 once as .npz), each tool runs in a fresh process, round-robin, `--runs` times (median reported):
 

@@ -13,7 +13,7 @@ Against it, in the same process and interleaved round by round:
 
 Each timing is end to end (model copy, planning, session creation, all batches, writing the
 new statistics). The data sit in memory for everyone, so file reading is not timed. The ratio
-of medians over the rounds is reported; the issue's targets are batch <= 1.25 and
+of medians over the rounds is reported; the targets are batch <= 1.25 and
 exact <= 2.5 on the larger sample model (resnet_small, 20 BNs in 17 waves).
 
     python bench/reestimate_speed.py                # JSON to bench/.cache/results/
@@ -152,7 +152,7 @@ def markdown(results: dict) -> str:
             verdicts.append(
                 f"{mode} {run['ratio_to_forward'][mode]:.2f}x {ok} <= {limit}x ({threads})"
             )
-    lines += ["", "Targets of issue 4: " + "; ".join(verdicts) + ".", END]
+    lines += ["", "Targets: " + "; ".join(verdicts) + ".", END]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""DATA sources (DESIGN.md §3): every kind, batching, and the checks against the model's inputs."""
+"""DATA sources (docs/design.md): every kind, batching, the checks against the model's inputs."""
 
 from __future__ import annotations
 

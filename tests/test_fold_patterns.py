@@ -1,4 +1,4 @@
-"""Every fold pattern of issue 2, as a table: the model, the reason each BN gets, the BNs left.
+"""Every fold pattern of docs/fold.md, as a table: the model, the reason each BN gets, the BNs left.
 
 For each row three specifications are checked separately:
 - the folded model computes what the original computes (ORT DISABLE_ALL, or onnx.reference);

@@ -2,7 +2,7 @@
 
 Whatever the channels, groups, kernel sizes, strides, pads, dilations, biases, transA/transB,
 alpha/beta and epsilon, the folded model computes what the original computes (ORT, DISABLE_ALL),
-and every BN that DESIGN.md §4 says can fold is gone.
+and every BN that docs/design.md says can fold is gone.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 @dataclass
 class Generated:
     model: onnx.ModelProto
-    foldable: bool  # DESIGN.md §4 says this BN must fold
+    foldable: bool  # docs/design.md says this BN must fold
     description: str
 
 

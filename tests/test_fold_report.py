@@ -249,7 +249,7 @@ def test_conv_without_bias_gains_one() -> None:
 
 
 def test_forward_fold_matches_the_design_arithmetic() -> None:
-    """W'[o] = W[o] * s[o], b'[o] = b[o] * s[o] + t[o] (DESIGN.md §4), checked in float64."""
+    """W'[o] = W[o] * s[o], b'[o] = b[o] * s[o] + t[o] (docs/design.md), checked in float64."""
     model = m.conv_bn_typed(m.F64)
     folded = bnsurgery.fold(model).model
     conv = m.node_named(folded, "conv")

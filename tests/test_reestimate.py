@@ -1,5 +1,5 @@
 """BN re-estimation: each mode against a float64 reference, waves, caching, prior, shards,
-saved statistics, the CLI, and every bad input of issue 4."""
+saved statistics, the CLI, and every bad input of docs/reestimate.md."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bnsurgery.errors import BadInputError, DataError, UsageError
 from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.stats import StatsSet, relative_error
 
-TOL = 1e-6  # statistics vs the float64 reference (issue 4)
+TOL = 1e-6  # statistics vs the float64 reference (docs/reestimate.md)
 
 
 @pytest.fixture(scope="module")
