@@ -334,7 +334,7 @@ onnx {env["onnx"]}, numpy {env["numpy"]}. Run time {results["seconds"]:.0f} s.
 
 {summary_table(results)}
 
-"Recovered" is (after - corrupted) / (clean - corrupted). The issue's target is 75 % for
+"Recovered" is (after - corrupted) / (clean - corrupted). The target is 75 % for
 `exact` on both exports. Measured: {"; ".join(verdicts)}.
 
 ![accuracy vs severity](robustness.png)

@@ -1,4 +1,4 @@
-"""Every fold pattern of issue 2, as a table: the model, the reason each BN gets, the BNs left.
+"""Every fold pattern of docs/fold.md, as a table: the model, the reason each BN gets, the BNs left.
 
 For each row three specifications are checked separately:
 - the folded model computes what the original computes (ORT DISABLE_ALL, or onnx.reference);
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import models as m
+import numpy as np
 import onnx
 import pytest
 
@@ -192,7 +193,7 @@ def test_folded_model_passes_the_checker(name: str, folded: dict) -> None:
 
 def test_if_else_branch_is_equivalent_too() -> None:
     model = m.if_bn()
-    feeds = m.random_feeds(model, cond=m.np.array(False))
+    feeds = m.random_feeds(model, cond=np.array(False))
     m.assert_equivalent(model, bnsurgery.fold(model).model, feeds)
 
 

@@ -42,7 +42,7 @@ def test_the_readme_installs_a_cpu_build_first_and_ci_runs_its_test_command() ->
     readme = (REPO / "README.md").read_text()
     first = next(line for line in readme.splitlines() if line.startswith("pip install"))
     assert first.startswith('pip install ".[cpu]"')
-    test_command = 'pip install -e ".[test]" && python -m pytest -q'
+    test_command = 'pip install -e ".[test]" && lint-imports && python -m pytest -q'
     assert test_command in readme and test_command in (REPO / ".ci" / "run").read_text()
 
 

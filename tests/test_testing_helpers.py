@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import models as M
+import onnx
 import pytest
 from conftest import SAMPLES
 
@@ -13,7 +14,7 @@ from bnsurgery.integrations.testing import HEALTH_CHECKS, assert_bn_healthy, ass
 def test_sample_models_are_healthy_and_fold_equivalently(name):
     path = SAMPLES / f"{name}.onnx"
     assert_bn_healthy(path)
-    result = assert_fold_equivalent(path, expect_folded=M.count_op(M.onnx.load(str(path))))
+    result = assert_fold_equivalent(path, expect_folded=M.count_op(onnx.load(str(path))))
     assert result.report.bns_after == 0
 
 
