@@ -22,7 +22,7 @@ from bnsurgery.cli.main import (
 )
 from bnsurgery.cli.reestimate import measure_opt_level_option
 from bnsurgery.data import parse_shape_overrides
-from bnsurgery.harness.report import text_table
+from bnsurgery.harness.render_text import text_table
 from bnsurgery.onnxio.load import load_model, resolve_output_path
 from bnsurgery.passes.insert import DEFAULT_AFTER
 from bnsurgery.passes.reestimate import MIN_SAMPLES

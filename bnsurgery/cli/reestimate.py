@@ -24,7 +24,7 @@ from bnsurgery.cli.main import (
 )
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.harness.report import text_table
+from bnsurgery.harness.render_text import text_table
 from bnsurgery.onnxio.load import load_model, resolve_output_path
 from bnsurgery.passes.adapt_auto import guarded
 from bnsurgery.passes.reestimate import (

@@ -24,6 +24,18 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {  # (atol, rtol)
 ToleranceArg = Sequence[str] | str | float | None
 
 
+def machine_epsilon(dtype_name: str) -> float:
+    """Machine epsilon of a dtype, by name (the gap between 1 and the next value; one rounding
+    is half of it): bfloat16's 2^-7 by hand, numpy's for the others, fp32's for anything that
+    is not a float."""
+    if dtype_name == "bfloat16":
+        return 2.0**-7
+    try:
+        return float(np.finfo(np.dtype(dtype_name)).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float32).eps)
+
+
 def default_tolerance(dtype: np.dtype | str | None) -> tuple[float, float]:
     """(atol, rtol) for an output's dtype: its own pair if it has one, else the fp32 pair."""
     try:

@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import onnx
@@ -652,6 +652,47 @@ def save_model(
                 _set_external(tensor, target.name, offset, length, final, stamp, embedded=True)
     except OSError as exc:
         raise BadInputError(f"{target}: cannot write ({exc.strerror})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], object],
+    *,
+    option: str | None = None,
+) -> Path:
+    """Write one file atomically: `write` fills a fresh file in a temporary folder beside
+    `path`, which is then renamed over `path`. On any failure (`write` raising included)
+    nothing is left behind and a file already at `path` is unchanged. Returns the path.
+
+    A missing or unwritable folder, or an OSError while writing, is a BadInputError naming the
+    target; `option` names the parameter that gave the path (e.g. "report") and starts the
+    message."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+
+    def fail(message: str) -> BadInputError:
+        if option is None:
+            return BadInputError(message)
+        return BadInputError("{option} " + message, option=option)
+
+    if not folder.is_dir():
+        raise fail(f"{target}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise fail(f"{target}: output folder {folder} is not writable")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    except OSError as exc:
+        raise fail(f"{target}: cannot write to {folder} ({exc.strerror})") from None
+    try:
+        staged = staging / target.name
+        with open(staged, "wb") as fh:
+            write(fh)
+        os.replace(staged, target)
+    except OSError as exc:
+        raise fail(f"{target}: cannot write ({exc.strerror})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

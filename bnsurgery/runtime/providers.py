@@ -22,6 +22,10 @@ from bnsurgery.runtime.placement import Placement
 
 CPU_EP = "CPUExecutionProvider"
 
+# The session option that makes a session allocate from the environment's shared CPU arena
+# (registered by bnsurgery.runtime.arena, which builds on this module).
+USE_ENV_ALLOCATORS = "session.use_env_allocators"
+
 ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -163,12 +167,6 @@ def available_providers() -> list[str]:
     from bnsurgery.runtime.installation import onnxruntime
 
     return list(onnxruntime().get_available_providers())
-
-
-def availability() -> dict[str, bool]:
-    """Every known alias and whether this onnxruntime build offers its provider."""
-    available = set(available_providers())
-    return {alias: name in available for alias, name in ALIASES.items()}
 
 
 @dataclass
@@ -316,8 +314,6 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     options.log_severity_level = 4
     options.enable_mem_pattern = config.memory_pattern
     if config.shared_cpu_arena:
-        from bnsurgery.runtime.arena import USE_ENV_ALLOCATORS
-
         options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
     return options
 
@@ -390,10 +386,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     if isinstance(payload, os.PathLike):
         payload = os.fspath(payload)
     session = _new_session(ort, payload, options, providers, wanted, info, config)
-    # ORT's Python session keeps the serialized model it was made from, only to make itself
-    # again on its own CPU retry (turned off here): as large as the weights, for nothing
-    if isinstance(getattr(session, "_model_bytes", None), bytes):
-        session._model_bytes = None
+    drop_serialized_model(session)
     info.active = list(session.get_providers())
     try:
         info.effective_options = {
@@ -459,6 +452,18 @@ def _new_session(ort: Any, payload: Any, options: Any, providers: list[Any] | No
             raise EnvironmentProblem(reason) from None
         info.notes.append(f"FALLBACK: {reason}; running on {CPU_EP}")
         return cpu
+
+
+def drop_serialized_model(session: Any) -> None:
+    """Let go of the serialized model ONNX Runtime's Python session keeps.
+
+    `InferenceSession` holds the bytes it was made from (the private `_model_bytes`) only to
+    build itself again when its own fallback retries on CPU; that retry is off here
+    (`enable_fallback=0`, see _new_session), so the copy, as large as the weights, would only
+    double the memory a large model costs. This is the one place that touches ORT's private
+    attribute: if a release renames it, nothing breaks, the memory is merely held."""
+    if isinstance(getattr(session, "_model_bytes", None), bytes):
+        session._model_bytes = None
 
 
 def _ort_message(exc: BaseException) -> str:
