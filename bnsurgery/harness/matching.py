@@ -196,7 +196,8 @@ def match_tensors(
                     continue  # a graph input is not compared layer-wise
                 raise BadInputError(
                     f"the tensor map sends '{ref_name}' to '{cand_name}', which no node of "
-                    "the candidate produces (is the map from another model?)"
+                    "the candidate produces (is the map from another model?)",
+                    option="tensor_map",
                 )
             chosen[ref_name] = (cand_name, "map")
             if cand_name is not None:
@@ -287,16 +288,21 @@ def load_tensor_map(path: str) -> dict[str, str | None]:
         with open(path, encoding="utf-8") as fh:
             document = json.load(fh)
     except OSError as exc:
-        raise BadInputError(f"--map {path}: cannot read ({exc.strerror})") from None
+        raise BadInputError(
+            f"{{option}} {path}: cannot read ({exc.strerror})", option="tensor_map"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise BadInputError(f"--map {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise BadInputError(
+            f"{{option}} {path}: not JSON ({exc.msg} at line {exc.lineno})", option="tensor_map"
+        ) from None
     mapping = _find_tensor_map(document)
     if mapping is None or not all(
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in mapping.items()
     ):
         raise BadInputError(
-            f"--map {path}: expected a fold report with a 'tensor_map' object of "
-            "{reference_tensor: candidate_tensor or null}"
+            f"{{option}} {path}: expected a fold report with a 'tensor_map' object of "
+            "{reference_tensor: candidate_tensor or null}",
+            option="tensor_map",
         )
     return dict(mapping)
 

@@ -83,8 +83,9 @@ def resolve_alias(alias: str) -> str:
             break
     known = ", ".join(dict.fromkeys([*ALIASES, *(alias_of(n) for n in names)]))
     raise BadInputError(
-        f"unknown execution provider '{alias}' (known: {known}; a plugin EP library is "
-        "registered with --ep-library NAME=PATH)"
+        f"unknown execution provider '{alias}' (known: {known}; a plugin EP is known once "
+        "its library is registered, as NAME=PATH)",
+        option="providers",
     )
 
 
@@ -121,11 +122,13 @@ def parse_providers(spec: str | list[str] | tuple[str, ...], ep_libraries: Any =
             continue
         name = resolve_alias(item)
         if name in seen:
-            raise BadInputError(f"execution provider '{item}' is given twice")
+            raise BadInputError(f"execution provider '{item}' is given twice", option="providers")
         seen[name] = alias_of(name)
         aliases.append(alias_of(name))
     if not aliases:
-        raise BadInputError("no execution provider given (for example --providers cpu,cuda)")
+        raise BadInputError(
+            "no execution provider given in {option} (for example cpu,cuda)", option="providers"
+        )
     return aliases
 
 
@@ -138,7 +141,10 @@ def parse_provider_options(specs: Any) -> dict[str, dict[str, str]]:
     if isinstance(specs, dict):
         for ep, options in specs.items():
             if not isinstance(options, dict):
-                raise BadInputError(f"provider options for '{ep}' must be a table of KEY = VALUE")
+                raise BadInputError(
+                    f"{{option}} for '{ep}' must be a table of KEY = VALUE",
+                    option="provider_options",
+                )
             pairs += [(str(ep), str(k), _option_text(v)) for k, v in options.items()]
     else:
         for spec in specs:
@@ -147,8 +153,9 @@ def parse_provider_options(specs: Any) -> dict[str, dict[str, str]]:
             key, eq, value = rest.partition("=")
             if not (sep and eq and ep.strip() and key.strip()):
                 raise BadInputError(
-                    f"--provider-option '{text}': expected EP:KEY=VALUE "
-                    "(e.g. openvino:precision=FP32, ggml:weights=f32)"
+                    f"{{option}} '{text}': expected EP:KEY=VALUE "
+                    "(e.g. openvino:precision=FP32, ggml:weights=f32)",
+                    option="provider_options",
                 )
             pairs.append((ep, key, value))
     options: dict[str, dict[str, str]] = {}
@@ -417,7 +424,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         kind = "PARTIAL FALLBACK" if info.placement.kind == "partial" else "FALLBACK"  # type: ignore[union-attr]
         if not config.allow_fallback:
             raise EnvironmentProblem(
-                f"{problem}; --allow-fallback runs it anyway (and says so)"
+                f"{problem}; {{option}} runs it anyway (and says so)", option="allow_fallback"
             )  # fmt: skip
         info.notes.append(f"{kind}: {problem}")
     info.fallback = bool(info.notes)
