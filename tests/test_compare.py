@@ -1,5 +1,6 @@
 """`bnsurgery compare` end to end on the sample models: folded vs original, a planted weight
-corruption, CUDA on a CPU-only machine, and every bad input of issue 3 (exit 2, one line)."""
+corruption, CUDA on a CPU-only machine, and every bad input compare refuses (exit 2, one
+line)."""
 
 from __future__ import annotations
 

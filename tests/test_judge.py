@@ -46,7 +46,7 @@ def test_correct_fold_passes(name: str, folds) -> None:
 
 
 def test_corpus_is_deep_and_wide_enough() -> None:
-    """The issue's bar: no correct fold refused on at least 8 deep models."""
+    """The judge's bar: no correct fold refused on at least 8 deep models."""
     assert len(deep.CORPUS) >= 8
 
 

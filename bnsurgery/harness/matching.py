@@ -15,8 +15,8 @@ The rule, for every non-constant tensor produced by a node of the reference's ma
    BatchNormalization, Identity, and Mul/Add (or Sub/Div by a constant) with one constant operand
    are *transparent*: their output has their input's key, since a fold may absorb them. Tensors
    with equal keys form a group ("x, then x after BN"); within a group:
-   a. a candidate tensor of the same name pairs with that name (the fold convention, DESIGN.md
-      §4: the BN's output name survives);
+   a. a candidate tensor of the same name pairs with that name (the fold convention,
+      docs/design.md: the BN's output name survives);
    b. the rest pair in order when the candidate kept as many; when it kept fewer (something was
       folded away), the survivors mean the *last* members if the group starts at a linear op
       (Conv, ConvTranspose, Gemm, MatMul: a forward fold), else the *first* ones (a backward
