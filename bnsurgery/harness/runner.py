@@ -176,7 +176,7 @@ def _log_run(lineup: Lineup, run: RunRecord, how: str) -> None:
         run.batches,
     )  # fmt: skip
     if lineup.noise is not None:
-        logger.info("the rounding-noise copy of the reference ran beside it")
+        logger.info("the rounding-noise copy of the reference ran on the same batches")
     for executor, info, seconds in zip(lineup.pairs, run.pairs, run.seconds, strict=True):
         logger.info("%s on %s: %.3f s in run()", executor.label, info.describe(), seconds)
 

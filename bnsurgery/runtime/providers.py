@@ -18,6 +18,17 @@ from typing import Any
 import onnx
 
 from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line, is_onnxruntime_error
+from bnsurgery.onnxio.load import is_lazy, materialize
+from bnsurgery.runtime import placement as P
+from bnsurgery.runtime.installation import (
+    ep_devices,
+    onnxruntime,
+    parse_library_specs,
+    plugin_ep_names,
+    register_library,
+    register_package_for,
+    registered_libraries,
+)
 from bnsurgery.runtime.placement import Placement
 
 CPU_EP = "CPUExecutionProvider"
@@ -55,8 +66,6 @@ def alias_of(name: str) -> str:
 def known_providers() -> list[str]:
     """Every provider name this process can ask for: ONNX Runtime's built-in EPs (available
     in this build or not) and the EPs of registered plugin libraries."""
-    from bnsurgery.runtime.installation import onnxruntime, plugin_ep_names
-
     ort = onnxruntime()
     names = list(dict.fromkeys([*ort.get_all_providers(), *ort.get_available_providers()]))
     return names + [n for n in plugin_ep_names() if n not in names]
@@ -66,8 +75,6 @@ def resolve_alias(alias: str) -> str:
     """The ONNX Runtime provider name of an alias, a full name, or a plugin EP's name
     (case-insensitive). An installed plugin package whose EP has that name is registered on
     the way. Unknown: bad input (exit 2) listing what is known."""
-    from bnsurgery.runtime.installation import register_package_for, registered_libraries
-
     key = alias.strip()
     if key.lower() in ALIASES:
         return ALIASES[key.lower()]
@@ -109,8 +116,6 @@ def parse_providers(spec: str | list[str] | tuple[str, ...], ep_libraries: Any =
 
     An unknown provider or a repeated one is bad input (exit 2).
     """
-    from bnsurgery.runtime.installation import parse_library_specs, register_library
-
     for name, path in parse_library_specs(ep_libraries).items():
         register_library(name, path)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -171,8 +176,6 @@ def _option_text(value: Any) -> str:
 
 
 def available_providers() -> list[str]:
-    from bnsurgery.runtime.installation import onnxruntime
-
     return list(onnxruntime().get_available_providers())
 
 
@@ -301,8 +304,6 @@ class SessionInfo:
 
 
 def session_options(config: ProviderConfig):  # -> ort.SessionOptions
-    from bnsurgery.runtime.installation import onnxruntime
-
     ort = onnxruntime()
     if config.opt_level not in OPT_LEVELS:
         raise BadInputError(
@@ -334,9 +335,6 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     fallback) or took none (full fallback), unless config.allow_fallback, in which case the
     fallback is recorded in SessionInfo.notes and `fallback`.
     """
-    from bnsurgery.runtime import placement as P
-    from bnsurgery.runtime.installation import ep_devices, onnxruntime, registered_libraries
-
     ort = onnxruntime()
     config = config or ProviderConfig()
     config.validate()
@@ -383,8 +381,6 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
     if isinstance(model, onnx.ModelProto):
-        from bnsurgery.onnxio.load import is_lazy, materialize
-
         # weights left in their files (io's lazy loading) are read now, into a copy that is
         # gone once serialized
         payload = (materialize(model) if is_lazy(model) else model).SerializeToString()
