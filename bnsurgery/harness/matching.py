@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -282,8 +283,6 @@ def identity_matches(model: onnx.ModelProto) -> list[TensorMatch]:
 
 def load_tensor_map(path: str) -> dict[str, str | None]:
     """The `tensor_map` of a `bnsurgery fold --json` report (or a bare {ref: cand} object)."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as fh:
             document = json.load(fh)
