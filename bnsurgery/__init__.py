@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     import onnx
 
-    from bnsurgery.harness.compare import CompareReport
+    from bnsurgery.harness.report import CompareReport
     from bnsurgery.onnxio import ModelSource
     from bnsurgery.passes import PassResult
     from bnsurgery.passes.fold import FoldReport

@@ -1,5 +1,6 @@
 """`bnsurgery compare` end to end on the sample models: folded vs original, a planted weight
-corruption, CUDA on a CPU-only machine, and every bad input (exit 2, one line)."""
+corruption, CUDA on a CPU-only machine, and every bad input compare refuses (exit 2, one
+line)."""
 
 from __future__ import annotations
 
@@ -280,6 +281,9 @@ def test_script_without_load_data(cli, tmp_path):
 
 def test_nothing_to_compare_and_unknown_output_tolerance(cli):
     _one_line_exit_2(cli("compare", SAMPLES / "digits_mlp.onnx"), "nothing to compare")
+    with pytest.raises(BadInputError, match="nothing to compare") as exc:
+        bnsurgery.compare(SAMPLES / "digits_mlp.onnx")
+    assert exc.value.option == "providers"
     _one_line_exit_2(
         cli("compare", SAMPLES / "digits_mlp.onnx", "--opt-level", "all", "--atol", "probs:1"),
         "unknown output(s) 'probs'",
@@ -295,6 +299,13 @@ def test_not_a_model_and_a_bad_map(cli, tmp_path):
             "--map", tmp_path / "map.json"),
         "tensor_map",
     )  # fmt: skip
+    from bnsurgery.harness.matching import load_tensor_map
+
+    for text in ("[1, 2]", "{"):
+        (tmp_path / "map.json").write_text(text)
+        with pytest.raises(BadInputError) as exc:
+            load_tensor_map(str(tmp_path / "map.json"))
+        assert exc.value.option == "tensor_map"
 
 
 def test_api_raises_bad_input_for_a_candidate_with_other_inputs():

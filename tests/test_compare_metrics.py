@@ -109,11 +109,15 @@ def test_tolerances_per_output_override_the_global_one():
     assert spec.for_output("probs", np.float16) == (1e-3, 0.0)
     assert spec.for_output("other", np.float16) == (1e-3, 1e-3)
     spec.check_names(["logits", "probs"])
-    with pytest.raises(BadInputError, match="unknown output"):
+    with pytest.raises(BadInputError, match="unknown output") as exc:
         spec.check_names(["logits"])
+    assert exc.value.option == "rtol"  # probs has an rtol only
 
 
 @pytest.mark.parametrize("bad", ["abc", "x:", "-1", "x:nan"])
-def test_bad_tolerance_strings(bad):
-    with pytest.raises(BadInputError, match="--atol"):
-        ToleranceSpec.parse([bad])
+@pytest.mark.parametrize("what", ["atol", "rtol"])
+def test_bad_tolerance_strings_name_their_parameter(bad, what):
+    with pytest.raises(BadInputError) as exc:
+        ToleranceSpec.parse(**{what: [bad]})
+    assert exc.value.option == what and str(exc.value).startswith(f"bad {what} '{bad}'")
+    assert exc.value.render("--" + what).startswith(f"bad --{what} '{bad}'")

@@ -39,6 +39,9 @@ def test_every_provider_onnxruntime_knows_resolves_by_full_or_short_name():
 def test_an_unknown_provider_is_bad_input_listing_what_is_known():
     with pytest.raises(BadInputError, match=r"unknown execution provider 'gpu' \(known: cpu, cuda"):
         P.parse_providers("cpu,gpu")
+    with pytest.raises(BadInputError) as exc:
+        P.parse_providers("cpu,gpu")
+    assert exc.value.option == "providers"
 
 
 def test_a_known_provider_missing_from_this_build_is_exit_3_with_the_reason(cli):
@@ -59,8 +62,9 @@ def test_provider_options_parse_from_strings_or_a_table():
         "CUDAExecutionProvider": {"use_tf32": "1", "device_id": "1"}
     }
     for bad in ["cuda", "cuda:use_tf32", ":a=1", "cuda:=1"]:
-        with pytest.raises(BadInputError, match="expected EP:KEY=VALUE"):
+        with pytest.raises(BadInputError, match="expected EP:KEY=VALUE") as exc:
             P.parse_provider_options([bad])
+        assert exc.value.option == "provider_options"
     with pytest.raises(BadInputError, match="unknown execution provider 'nope'"):
         P.parse_provider_options(["nope:a=1"])
 
@@ -135,6 +139,11 @@ def test_allow_fallback_runs_it_and_says_so_in_text_and_json(cli):
 def test_the_python_api_and_validate_and_pipelines_take_the_same_options(tmp_path):
     report = bnsurgery.compare(CNN, providers=("cpu", "azure"), allow_fallback=True)
     assert report.pairs[0].session.placement.kind == "full"
+    with pytest.raises(EnvironmentProblem, match="took no node") as exc:
+        bnsurgery.compare(CNN, providers=("cpu", "azure"))  # the error crossed the child's pipe
+    assert exc.value.option == "allow_fallback" and "allow_fallback runs it anyway" in str(
+        exc.value
+    )
     with pytest.raises(EnvironmentProblem, match="took no node"):
         bnsurgery.validate(CNN, providers="cpu,azure")
     checked = bnsurgery.validate(CNN, providers="cpu,azure", allow_fallback=True)
@@ -155,10 +164,12 @@ def test_the_python_api_and_validate_and_pipelines_take_the_same_options(tmp_pat
 
 # -- plugin EP libraries -----------------------------------------------------------------------
 def test_ep_library_specs_are_checked(tmp_path, cli):
-    with pytest.raises(BadInputError, match="expected NAME=PATH"):
-        runtime.parse_library_specs(["ggml"])
+    for bad in (["ggml"], ["=/lib.so"], ["ggml=/no/lib.so"]):
+        with pytest.raises(BadInputError) as exc:
+            runtime.parse_library_specs(bad)
+        assert exc.value.option == "ep_libraries"
     code, _, err = cli("compare", CNN, "--providers", "cpu,ggml", "--ep-library", "ggml=/no/lib.so")
-    assert code == 2 and "--ep-library ggml=/no/lib.so: no such file" in err
+    assert code == 2 and "ggml=/no/lib.so: no such file" in err
 
 
 def test_a_file_that_is_not_an_ep_library_is_exit_3(tmp_path, cli):

@@ -18,7 +18,7 @@ from conftest import SAMPLES
 from onnx import numpy_helper
 
 import bnsurgery
-from bnsurgery.harness.report import render_html
+from bnsurgery.harness.render_html import render_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -160,7 +160,7 @@ def test_docs_screenshot_is_committed():
 
 def test_layer_plot_labels_name_the_nodes_not_the_op_types() -> None:
     from bnsurgery.harness.compare import compare
-    from bnsurgery.harness.report import layer_tick_labels, short_node_name
+    from bnsurgery.harness.render_html import layer_tick_labels, short_node_name
 
     model = SAMPLES / "digits_cnn.onnx"
     report = compare(model, model, layerwise=True, show_progress=False)

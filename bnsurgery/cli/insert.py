@@ -23,7 +23,7 @@ from bnsurgery.cli.main import (
 from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.reestimate import measure_opt_level_option
 from bnsurgery.data import parse_shape_overrides
-from bnsurgery.harness.report import text_table
+from bnsurgery.harness.render_text import text_table
 from bnsurgery.measure.feeds import MIN_SAMPLES
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes.insert import DEFAULT_AFTER

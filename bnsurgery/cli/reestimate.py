@@ -25,7 +25,7 @@ from bnsurgery.cli.main import (
 from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.harness.report import text_table
+from bnsurgery.harness.render_text import text_table
 from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
 from bnsurgery.measure.engine import MODES
 from bnsurgery.measure.feeds import MIN_SAMPLES

@@ -2,212 +2,60 @@
 
 The reference is the REFERENCE model on the first provider (graph optimizations off unless
 asked). Every other (model, provider) pair runs on the same batches and is judged output by
-output (harness.metrics); the comparison fails when any output is beyond tolerance.
+output; the comparison fails when any output is beyond tolerance.
 
 `layerwise` adds every mapped intermediate tensor (harness.matching) as an output of a copy of
 each model and finds, in the reference's topological order, the first tensor beyond tolerance:
 the node that produced it is where the divergence starts.
+
+This module decides what runs and puts the report together; the work is done apart, as
+Polygraphy splits `Comparator.run` from `compare_accuracy`: harness.runner runs the reference,
+its rounding-noise copy (harness.noise) and each pair over DATA and hands their outputs on
+batch by batch, harness.judge turns them into verdicts, and harness.report's CompareReport
+renders them (JSON, text, HTML). The engine that runs the models is a seam: ONNX Runtime, or
+onnx.reference (runtime.reference) for the judge's fallback where ONNX Runtime lacks a kernel.
 
 Data streams: one batch is held at a time, and metrics accumulate across batches.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
+from bnsurgery.data import input_specs, load_data
 from bnsurgery.errors import BadInputError
+from bnsurgery.harness.judge import Judge, declared_dtypes, log_verdicts, needs_noise_run
 from bnsurgery.harness.matching import TensorMatch, identity_matches, match_tensors
-from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
 from bnsurgery.harness.noise import rounding_noise_copy
-from bnsurgery.harness.sequential import release_free_heap, run_one_at_a_time
-from bnsurgery.harness.stability import StabilityReport
+from bnsurgery.harness.report import CompareReport
+from bnsurgery.harness.results import LayerRecord, LayerwiseResult, PairResult
+from bnsurgery.harness.runner import Lineup, release_memory, run_one_at_a_time, run_side_by_side
+from bnsurgery.harness.stability import run_stability
+from bnsurgery.harness.tolerances import ToleranceSpec
+from bnsurgery.onnxio import is_lazy, load_model, materialize
+from bnsurgery.runtime.isolation import run_isolated
 from bnsurgery.runtime.providers import (
     ProviderConfig,
-    SessionInfo,
     alias_of,
     parse_provider_options,
     parse_providers,
     resolve_alias,
 )
-from bnsurgery.runtime.runner import Runner, progress
+from bnsurgery.runtime.reference import ReferenceRunner
+from bnsurgery.runtime.runner import Runner
 
-SCHEMA = "bnsurgery.compare/2"
+__all__ = ["ENGINES", "CompareReport", "check_interfaces", "compare", "compare_models"]
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class PairResult:
-    """One (model, provider) pair judged against the reference, output by output."""
-
-    model: str  # "reference" | "candidate"
-    provider: str  # the alias asked for
-    session: SessionInfo
-    outputs: list[ErrorMetrics]
-    seconds: float = 0.0  # time in session.run over every batch
-
-    @property
-    def passed(self) -> bool:
-        return all(m.passed for m in self.outputs)
-
-    @property
-    def label(self) -> str:
-        return f"{self.model} on {self.session.describe()}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "provider": self.provider,
-            "passed": self.passed,
-            "session": self.session.to_dict(),
-            "inference_seconds": self.seconds,
-            "outputs": [m.to_dict() for m in self.outputs],
-        }
-
-
-@dataclass
-class LayerRecord:
-    match: TensorMatch
-    metrics: ErrorMetrics
-
-    def to_dict(self) -> dict[str, Any]:
-        m = self.metrics
-        numbers = m.to_dict()
-        return {
-            "tensor": self.match.reference,
-            "candidate_tensor": self.match.candidate,
-            "matched_by": self.match.how,
-            "node": self.match.reference_node,
-            "op_type": self.match.reference_op,
-            "candidate_node": self.match.candidate_node,
-            "candidate_op_type": self.match.candidate_op,
-            "passed": m.passed,
-            "max_abs": numbers["max_abs"],
-            "max_rel": numbers["max_rel"],
-            "mean_abs": numbers["mean_abs"],
-            "cosine": numbers["cosine"],
-            "min_atol": numbers["min_atol"],
-            "atol": m.atol,
-            "rtol": m.rtol,
-            "mismatched": m.mismatched,
-        }
-
-
-@dataclass
-class LayerwiseResult:
-    """The layer-wise comparison of one pair: every matched tensor and the first divergence."""
-
-    model: str
-    provider: str
-    layers: list[LayerRecord]
-    unmatched: list[TensorMatch]
-
-    @property
-    def first_divergence(self) -> LayerRecord | None:
-        return next((layer for layer in self.layers if not layer.metrics.passed), None)
-
-    def counts(self) -> dict[str, int]:
-        counts = {"matched": len(self.layers), "unmatched": len(self.unmatched)}
-        for how in ("map", "structure", "name"):
-            counts[f"by_{how}"] = sum(1 for layer in self.layers if layer.match.how == how)
-        return counts
-
-    def to_dict(self) -> dict[str, Any]:
-        first = self.first_divergence
-        return {
-            "model": self.model,
-            "provider": self.provider,
-            "mapping": self.counts(),
-            "first_divergence": first.to_dict() if first else None,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "unmatched": [
-                {
-                    "tensor": u.reference,
-                    "node": u.reference_node,
-                    "op_type": u.reference_op,
-                    "decided_by": u.how,
-                }
-                for u in self.unmatched
-            ],
-        }
-
-
-@dataclass
-class CompareReport:
-    """Everything `bnsurgery compare` found; `passed` is False when any output is beyond
-    tolerance. `to_dict()` is the stable JSON schema (docs/compare.md)."""
-
-    reference: str
-    candidate: str | None
-    providers: list[str]
-    reference_session: SessionInfo
-    data: dict[str, Any]
-    tolerances: ToleranceSpec
-    pairs: list[PairResult] = field(default_factory=list)
-    layerwise: list[LayerwiseResult] = field(default_factory=list)
-    stability: StabilityReport | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(p.passed for p in self.pairs)
-
-    @property
-    def failures(self) -> list[PairResult]:
-        return [p for p in self.pairs if not p.passed]
-
-    @property
-    def fallbacks(self) -> list[str]:
-        sessions = [self.reference_session, *[p.session for p in self.pairs]]
-        seen: list[str] = []
-        for session in sessions:
-            for note in session.notes:
-                if session.fallback and note not in seen:
-                    seen.append(note)
-        return seen
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "passed": self.passed,
-            "reference": {
-                "model": self.reference,
-                "provider": self.providers[0],
-                "session": self.reference_session.to_dict(),
-            },
-            "candidate": {"model": self.candidate} if self.candidate else None,
-            "providers": list(self.providers),
-            "data": self.data,
-            "tolerances": self.tolerances.to_dict(),
-            "fallbacks": self.fallbacks,
-            "comparisons": [p.to_dict() for p in self.pairs],
-            "layerwise": [self._layerwise_dict(lw) for lw in self.layerwise]
-            if self.layerwise
-            else None,
-            "stability": self.stability.to_dict() if self.stability else None,
-            "notes": list(self.notes),
-        }
-
-    def _layerwise_dict(self, lw: LayerwiseResult) -> dict[str, Any]:
-        from bnsurgery.harness.report import divergence_caveat
-
-        return {**lw.to_dict(), "note": divergence_caveat(self, lw)}
-
-    def render_text(self) -> str:
-        from bnsurgery.harness.report import render_text
-
-        return render_text(self)
-
-    def write_html(self, path: str | os.PathLike[str]) -> Path:
-        from bnsurgery.harness.report import write_html
-
-        return write_html(self, path)
+# The engines a comparison can run on: each makes an Executor (runtime.runner) of a model.
+ENGINES: dict[str, Any] = {"onnxruntime": Runner, "reference": ReferenceRunner}
 
 
 def _label(source: Any) -> str:
@@ -220,8 +68,6 @@ def _label(source: Any) -> str:
 
 def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
     """Same runtime inputs (names and element types) and the same output names, or exit 2."""
-    from bnsurgery.data import input_specs
-
     ref_in = {s.name: s for s in input_specs(reference)}
     cand_in = {s.name: s for s in input_specs(candidate)}
     _require_same_names(ref_in, cand_in, "inputs")
@@ -279,9 +125,6 @@ def compare(
     `allow_fallback`. `provider_options` ({provider: {key: value}} or `EP:KEY=VALUE` strings)
     and `ep_libraries` ({name: path} or `NAME=PATH` strings of plugin EP libraries) are
     options too."""
-    from bnsurgery.onnxio import load_model
-    from bnsurgery.runtime.isolation import run_isolated
-
     # weights stay in their files until a session needs them (io's lazy loading): the models'
     # structure is all the checks read, and the child would otherwise hold both in memory
     ref_model = load_model(reference, external_data="lazy")
@@ -322,17 +165,30 @@ def compare_models(
     shapes: Mapping[str, list[int]] | None = None,
     seed: int = 0,
     show_progress: bool | None = None,
+    engine: str = "onnxruntime",
 ) -> CompareReport:
-    """compare() on models already loaded and checked (what fold's verification runs)."""
-    from bnsurgery.data import load_data
+    """compare() on models already loaded, in this process (what fold's verification runs).
 
+    engine: "onnxruntime", or "reference" (onnx.reference, the judge's fallback for kernels
+    ONNX Runtime lacks: one provider, no stability; its session says `onnx.reference`)."""
+    if engine not in ENGINES:
+        raise BadInputError(
+            f"unknown engine '{engine}' (known: {', '.join(ENGINES)})", option="engine"
+        )
     aliases = parse_providers(providers, ep_libraries)
     options_by_provider = parse_provider_options(provider_options)
     unused = [n for n in options_by_provider if alias_of(n) not in aliases]
     if unused:
         raise BadInputError(
             f"provider options for {', '.join(alias_of(n) for n in unused)}, which is not "
-            f"among the providers ({', '.join(aliases)})"
+            f"among the providers ({', '.join(aliases)})",
+            option="provider_options",
+        )
+    if engine != "onnxruntime" and (len(aliases) > 1 or stability):
+        raise BadInputError(
+            f"{{option}} '{engine}' runs one model on one engine: no second provider, no "
+            "stability checks",
+            option="engine",
         )
     if cand_model is not None:
         check_interfaces(ref_model, cand_model)
@@ -367,170 +223,88 @@ def compare_models(
     if not pair_specs and not stability:
         raise BadInputError(
             "nothing to compare: give a CANDIDATE model, a second provider "
-            "(--providers cpu,cuda), or --stability"
+            "({option} cpu,cuda), or the stability checks",
+            option="providers",
         )
 
     source = load_data(
         data, ref_model, batch_size=batch_size, labels_key=labels_key, shapes=shapes, seed=seed
     )
-    ref_runner = Runner(ref_model, ref_config, label="reference")
-    runners = [Runner(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs]
-    # Outputs alone: one session at a time (harness.sequential). Layer-wise: side by side,
-    # since every intermediate tensor of the reference would have to be kept otherwise.
-    sequential = bool(pair_specs) and not layerwise
-    if not sequential:
-        ref_info = ref_runner.activate()
-        infos = [r.activate() for r in runners]
-
-    # layer-wise: which tensors to return from each model
-    layer_plans: list[tuple[list[TensorMatch], list[TensorMatch], Runner]] = []
-    ref_layer_runner = None
+    layer_matches: list[tuple[list[TensorMatch], list[TensorMatch]]] = []
     if layerwise and pair_specs:
         matches_by_role = {"reference": identity_matches(ref_model)}
         if cand_model is not None:
             matches_by_role["candidate"] = match_tensors(ref_model, cand_model, tensor_map)
-        ref_tensors = [m.reference for m in matches_by_role["reference"]]
-        ref_layer_runner = Runner(ref_model, ref_config, extra_outputs=ref_tensors)
-        for role, model, cfg in pair_specs:
+        for role, _, _ in pair_specs:
             matches = matches_by_role[role]
-            matched = [m for m in matches if m.candidate is not None]
-            unmatched = [m for m in matches if m.candidate is None]
-            extra = [m.candidate for m in matched if m.candidate]
-            runner = Runner(model, cfg, extra_outputs=extra, label=f"{role}@{cfg.alias} layers")
-            runner.activate()
-            layer_plans.append((matched, unmatched, runner))
-
-    # The default rule measures the rounding noise of the reference: the reference with its
-    # weights rounded once more, run on the same provider and batches (harness.noise).
-    noise_model = None
-    noise_wanted = any(not tolerances.explicit_for(n) for n in output_names) or bool(
-        layer_plans and tolerances.atol is None and tolerances.rtol is None
-    )
-    if noise_wanted and not sequential:
-        noise_model = rounding_noise_copy(in_memory(ref_model), seed)
-    noise_runner = noise_layer_runner = None
-    if noise_model is not None and pair_specs and not sequential:
-        noise_runner = Runner(noise_model, ref_config, label="rounding noise")
-        noise_runner.activate()
-        if ref_layer_runner is not None:
-            noise_layer_runner = Runner(
-                noise_model, ref_config, extra_outputs=ref_layer_runner.extra_outputs,
-                label="rounding noise layers",
+            layer_matches.append(
+                ([m for m in matches if m.candidate is not None],
+                 [m for m in matches if m.candidate is None])
             )  # fmt: skip
-            noise_layer_runner.activate()
-    accumulators = [
-        {
-            name: ErrorAccumulator(
-                name, *tolerances.for_output(name, _output_dtype(ref_model, name))
-            )
-            for name in output_names
-        }
-        for _ in pair_specs
-    ]
-    layer_accumulators: list[dict[str, ErrorAccumulator]] = [{} for _ in layer_plans]
-    global_tol = ToleranceSpec(tolerances.atol, tolerances.rtol)
+    judge = Judge(
+        output_names, tolerances, declared_dtypes(ref_model), len(pair_specs),
+        [matched for matched, _ in layer_matches],
+    )  # fmt: skip
+    make = ENGINES[engine]
+    lineup = Lineup(
+        reference=make(ref_model, ref_config, label="reference"),
+        pairs=[make(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs],
+        output_names=output_names,
+    )
+    record = None
+    if pair_specs:
+        noise = needs_noise_run(tolerances, output_names, bool(layer_matches))
+        started = time.perf_counter()
+        if layer_matches:  # side by side: every intermediate tensor would be kept otherwise
+            _add_layers(lineup, make, ref_model, ref_config, pair_specs, layer_matches, noise, seed)
+            record = run_side_by_side(source, lineup, judge.observe, show_progress=show_progress)
+        else:  # outputs alone: one session at a time
 
-    samples = batches = 0
-    with_labels = 0
-    seconds = [0.0] * len(runners)
-    input_shapes: dict[str, list[int]] = {}
-    if sequential:
+            def make_noise() -> Any:  # made when its turn comes: only its bytes outlive this
+                noisy = in_memory(rounding_noise_copy(ref_model, seed)).SerializeToString()
+                release_memory()  # the two full copies it took are garbage: give them back
+                return make(noisy, ref_config, label="rounding noise")
 
-        def make_noise() -> Runner:  # made when its turn comes: only its bytes outlive this
-            noisy = in_memory(rounding_noise_copy(ref_model, seed)).SerializeToString()
-            release_free_heap()  # the two full copies it took are garbage: give them back
-            return Runner(noisy, ref_config, label="rounding noise")  # type: ignore[arg-type]
-
-        done = run_one_at_a_time(
-            source,
-            ref_runner,
-            make_noise if noise_wanted else None,
-            runners,
-            accumulators,
-            show_progress=show_progress,
-        )
-        ref_info, infos, seconds = done.reference, done.pairs, done.seconds
-        samples, batches, with_labels = done.samples, done.batches, done.with_labels
-        input_shapes = done.input_shapes
-    elif pair_specs:
-        with progress(
-            source.batches(),
-            length=source.num_batches,
-            label="comparing",
-            enabled=show_progress,
-        ) as stream:
-            for batch in stream:
-                if not input_shapes:
-                    input_shapes = {k: list(np.shape(v)) for k, v in batch.feeds.items()}
-                ref_out = ref_runner.infer(batch.feeds)
-                noise_out = noise_runner.infer(batch.feeds) if noise_runner else {}
-                for index, (runner, accs) in enumerate(zip(runners, accumulators, strict=True)):
-                    started = time.perf_counter()
-                    out = runner.infer(batch.feeds)
-                    seconds[index] += time.perf_counter() - started
-                    for name, acc in accs.items():
-                        acc.update(ref_out[name], out[name], batch.labels, noise_out.get(name))
-                if ref_layer_runner is not None:
-                    ref_layers = ref_layer_runner.infer(batch.feeds)
-                    noise_layers = (
-                        noise_layer_runner.infer(batch.feeds) if noise_layer_runner else {}
-                    )
-                    for (matched, _, runner), accs in zip(
-                        layer_plans, layer_accumulators, strict=True
-                    ):
-                        out = runner.infer(batch.feeds)
-                        for match in matched:
-                            value = ref_layers[match.reference]
-                            other = out[match.candidate]  # type: ignore[index]
-                            if not isinstance(value, np.ndarray) or not isinstance(
-                                other, np.ndarray
-                            ):
-                                continue  # sequences and maps are not compared layer-wise
-                            acc = accs.get(match.reference)
-                            if acc is None:
-                                tol = global_tol.for_output(match.reference, value.dtype)
-                                acc = accs[match.reference] = ErrorAccumulator(
-                                    match.reference, *tol
-                                )
-                            acc.update(value, other, None, noise_layers.get(match.reference))
-                samples += batch.size
-                batches += 1
-                with_labels += batch.labels is not None
+            lineup.noise = make_noise if noise else None
+            record = run_one_at_a_time(source, lineup, judge.observe, show_progress=show_progress)
+        logger.info("compared on %s in %.2f s", engine, time.perf_counter() - started)
 
     data_info = source.to_dict()
-    data_info.update(
-        {
-            "samples": samples or data_info["samples"],
-            "batches": batches,
-            "input_shapes": input_shapes,
-        }
-    )
+    if record is not None:
+        data_info.update(
+            {
+                "samples": record.samples or data_info["samples"],
+                "batches": record.batches,
+                "input_shapes": record.input_shapes,
+            }
+        )
+    else:
+        data_info.update({"batches": 0, "input_shapes": {}})
     report = CompareReport(
         reference=reference_label,
         candidate=candidate_label if cand_model is not None else None,
         providers=aliases,
-        reference_session=ref_info,
+        # stability alone: the reference's session is made (its placement checked) all the same
+        reference_session=record.reference if record is not None else lineup.reference.activate(),
         data=data_info,
         tolerances=tolerances,
         notes=list(source.notes),
     )
-    for (role, _, cfg), info, accs, spent in zip(
-        pair_specs, infos, accumulators, seconds, strict=True
+    for index, (role, _, cfg) in enumerate(pair_specs):
+        assert record is not None
+        outputs = judge.verdicts(index)
+        log_verdicts(f"{role} on {cfg.alias}", outputs)
+        report.pairs.append(PairResult(role, cfg.alias, record.pairs[index], outputs,
+                                       record.seconds[index]))  # fmt: skip
+    for index, ((role, _, cfg), (matched, unmatched)) in enumerate(
+        zip(pair_specs if layer_matches else [], layer_matches, strict=True)
     ):
-        outputs = [a.result() for a in accs.values()]
-        report.pairs.append(PairResult(role, cfg.alias, info, outputs, spent))
-    for (role, _, cfg), (matched, unmatched, _), accs in zip(
-        pair_specs if layer_plans else [], layer_plans, layer_accumulators, strict=True
-    ):
-        layers = [
-            LayerRecord(m, accs[m.reference].result()) for m in matched if m.reference in accs
-        ]
+        verdicts = judge.layer_verdicts(index)
+        layers = [LayerRecord(m, verdicts[m.reference]) for m in matched if m.reference in verdicts]
         report.layerwise.append(LayerwiseResult(role, cfg.alias, layers, unmatched))
     if report.fallbacks:
         report.notes.extend(report.fallbacks)
     if stability:
-        from bnsurgery.harness.stability import run_stability
-
         models = [("reference", in_memory(ref_model))]
         if cand_model is not None:
             models.append(("candidate", in_memory(cand_model)))
@@ -541,18 +315,34 @@ def compare_models(
     return report
 
 
+def _add_layers(
+    lineup: Lineup,
+    make: Any,
+    ref_model: onnx.ModelProto,
+    ref_config: ProviderConfig,
+    pair_specs: list[tuple[str, onnx.ModelProto, ProviderConfig]],
+    layer_matches: list[tuple[list[TensorMatch], list[TensorMatch]]],
+    noise: bool,
+    seed: int,
+) -> None:
+    """The layer-wise copies (each model with its matched tensors as outputs) and, when a rule
+    needs it, the noise run of the reference and its layer-wise copy."""
+    ref_tensors = [m.reference for m in identity_matches(ref_model)]
+    lineup.reference_layers = make(ref_model, ref_config, extra_outputs=ref_tensors)
+    for (role, model, cfg), (matched, _) in zip(pair_specs, layer_matches, strict=True):
+        extra = [m.candidate for m in matched if m.candidate]
+        lineup.pair_layers.append(
+            make(model, cfg, extra_outputs=extra, label=f"{role}@{cfg.alias} layers")
+        )
+    if noise:
+        # the reference with its weights rounded once more, on the same provider and batches
+        noise_model = rounding_noise_copy(in_memory(ref_model), seed)
+        lineup.noise = lambda: make(noise_model, ref_config, label="rounding noise")
+        lineup.noise_layers = lambda: make(
+            noise_model, ref_config, extra_outputs=ref_tensors, label="rounding noise layers"
+        )
+
+
 def in_memory(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every weight in memory (a copy, where some were left in their files)."""
-    from bnsurgery.onnxio import is_lazy, materialize
-
     return materialize(model) if is_lazy(model) else model
-
-
-def _output_dtype(model: onnx.ModelProto, name: str) -> Any:
-    for value in model.graph.output:
-        if value.name == name and value.type.tensor_type.elem_type:
-            try:
-                return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            except (KeyError, TypeError, ValueError):
-                return None
-    return None

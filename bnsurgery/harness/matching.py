@@ -15,8 +15,8 @@ The rule, for every non-constant tensor produced by a node of the reference's ma
    BatchNormalization, Identity, and Mul/Add (or Sub/Div by a constant) with one constant operand
    are *transparent*: their output has their input's key, since a fold may absorb them. Tensors
    with equal keys form a group ("x, then x after BN"); within a group:
-   a. a candidate tensor of the same name pairs with that name (the fold convention, DESIGN.md
-      §4: the BN's output name survives);
+   a. a candidate tensor of the same name pairs with that name (the fold convention,
+      docs/design.md: the BN's output name survives);
    b. the rest pair in order when the candidate kept as many; when it kept fewer (something was
       folded away), the survivors mean the *last* members if the group starts at a linear op
       (Conv, ConvTranspose, Gemm, MatMul: a forward fold), else the *first* ones (a backward
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -196,7 +197,8 @@ def match_tensors(
                     continue  # a graph input is not compared layer-wise
                 raise BadInputError(
                     f"the tensor map sends '{ref_name}' to '{cand_name}', which no node of "
-                    "the candidate produces (is the map from another model?)"
+                    "the candidate produces (is the map from another model?)",
+                    option="tensor_map",
                 )
             chosen[ref_name] = (cand_name, "map")
             if cand_name is not None:
@@ -281,22 +283,25 @@ def identity_matches(model: onnx.ModelProto) -> list[TensorMatch]:
 
 def load_tensor_map(path: str) -> dict[str, str | None]:
     """The `tensor_map` of a `bnsurgery fold --json` report (or a bare {ref: cand} object)."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as fh:
             document = json.load(fh)
     except OSError as exc:
-        raise BadInputError(f"--map {path}: cannot read ({exc.strerror})") from None
+        raise BadInputError(
+            f"{{option}} {path}: cannot read ({exc.strerror})", option="tensor_map"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise BadInputError(f"--map {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise BadInputError(
+            f"{{option}} {path}: not JSON ({exc.msg} at line {exc.lineno})", option="tensor_map"
+        ) from None
     mapping = _find_tensor_map(document)
     if mapping is None or not all(
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in mapping.items()
     ):
         raise BadInputError(
-            f"--map {path}: expected a fold report with a 'tensor_map' object of "
-            "{reference_tensor: candidate_tensor or null}"
+            f"{{option}} {path}: expected a fold report with a 'tensor_map' object of "
+            "{reference_tensor: candidate_tensor or null}",
+            option="tensor_map",
         )
     return dict(mapping)
 

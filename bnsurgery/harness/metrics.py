@@ -39,6 +39,7 @@ from bnsurgery.harness.tolerances import (
     NOISE_LIMIT,
     ToleranceSpec,
     default_tolerance,
+    machine_epsilon,
 )
 
 TINY = 1e-12  # the relative error's guard against division by zero
@@ -168,16 +169,6 @@ def is_classification(array: np.ndarray) -> bool:
 
 def _is_float(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
-
-
-def _epsilon(dtype_name: str) -> float:
-    """Machine epsilon of an output dtype (fp32's for anything that is not a float)."""
-    if dtype_name == "bfloat16":
-        return 2.0**-7
-    try:
-        return float(np.finfo(np.dtype(dtype_name)).eps)
-    except (TypeError, ValueError):
-        return float(np.finfo(np.float32).eps)
 
 
 class _NoiseTally:
@@ -367,7 +358,7 @@ class ErrorAccumulator:
             noise = self.noise.differing
             ratio = 0.0 if self.differing == 0 else (self.differing / noise if noise else math.inf)
             return ratio, float(noise), None, ratio <= self.limit
-        eps = _epsilon(self.dtype)
+        eps = machine_epsilon(self.dtype)
         rms_ref = math.sqrt(self.ref_sq / self.finite) if self.finite else 0.0
         noise_max = max(self.noise.max_abs, eps * self.ref_max)
         noise_rms = max(

@@ -24,6 +24,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnsurgery.harness.tolerances import machine_epsilon
+from bnsurgery.onnxio import lazy_source, tensor_to_array
+
 # Ops whose float inputs are values: one rounding there is what a fold introduces.
 _VALUE_OPS = frozenset(
     {
@@ -53,9 +56,10 @@ _FLOAT_TYPES = {
 
 
 def _unit_roundoff(elem_type: int) -> float:
+    """Half the machine epsilon of a float element type: the most one rounding moves a value."""
     if elem_type == onnx.TensorProto.BFLOAT16:
-        return 2.0**-8
-    return float(np.finfo(_FLOAT_TYPES[elem_type]).eps) / 2
+        return machine_epsilon("bfloat16") / 2
+    return machine_epsilon(np.dtype(_FLOAT_TYPES[elem_type]).name) / 2
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -84,8 +88,6 @@ def _value_only_names(model: onnx.ModelProto) -> set[str]:
 def _perturbed(tensor: onnx.TensorProto, rng: np.random.Generator) -> onnx.TensorProto | None:
     if tensor.data_type not in _FLOAT_TYPES and tensor.data_type != onnx.TensorProto.BFLOAT16:
         return None
-    from bnsurgery.onnxio import lazy_source, tensor_to_array
-
     lazy = lazy_source(tensor) is not None  # left in its file by io's lazy loading: read it
     if (
         not lazy

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnsurgery.harness.fp16 import convert_to_float16
 from bnsurgery.harness.metrics import (
     DEFAULT_TOLERANCES,
     ErrorAccumulator,
@@ -300,8 +301,6 @@ def run_stability(
         result = Fp16Result(label, first.alias, None)
         fp16_results[label] = result
         try:
-            from bnsurgery.harness.fp16 import convert_to_float16
-
             conversion = convert_to_float16(model)
             conversions[label] = conversion
             result.conversion = conversion.to_dict()

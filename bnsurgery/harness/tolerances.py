@@ -1,6 +1,6 @@
-"""Explicit tolerances: what --atol/--rtol set, per output or for all, and the dtype defaults
-that fill the half not given. An output with neither is judged by the rounding-noise rule
-(bnsurgery.harness.metrics, docs/verification.md), not by these numbers.
+"""Explicit tolerances: what atol/rtol (`--atol`/`--rtol`) set, per output or for all, and the
+dtype defaults that fill the half not given. An output with neither is judged by the
+rounding-noise rule (bnsurgery.harness.metrics, docs/verification.md), not by these numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {  # (atol, rtol)
     "bfloat16": (2e-2, 1e-2),
 }
 ToleranceArg = Sequence[str] | str | float | None
+
+
+def machine_epsilon(dtype_name: str) -> float:
+    """Machine epsilon of a dtype, by name (the gap between 1 and the next value; one rounding
+    is half of it): bfloat16's 2^-7 by hand, numpy's for the others, fp32's for anything that
+    is not a float."""
+    if dtype_name == "bfloat16":
+        return 2.0**-7
+    try:
+        return float(np.finfo(np.dtype(dtype_name)).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float32).eps)
 
 
 def default_tolerance(dtype: np.dtype | str | None) -> tuple[float, float]:
@@ -76,9 +88,11 @@ class ToleranceSpec:
         named = set(self.per_output_atol or {}) | set(self.per_output_rtol or {})
         unknown = sorted(named - set(outputs))
         if unknown:
+            atol_named = set(self.per_output_atol or {}) & set(unknown)
             raise BadInputError(
                 f"tolerance given for unknown output(s) {', '.join(repr(n) for n in unknown)} "
-                f"(outputs: {', '.join(repr(o) for o in outputs)})"
+                f"(outputs: {', '.join(repr(o) for o in outputs)})",
+                option="atol" if atol_named else "rtol",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,13 +123,15 @@ def _parse_tolerances(values: ToleranceArg, what: str) -> tuple[float | None, di
             value = float(number if sep else text)
         except ValueError:
             raise BadInputError(
-                f"bad --{what} '{text}': expected a number or OUTPUT:NUMBER"
+                f"bad {{option}} '{text}': expected a number or OUTPUT:NUMBER", option=what
             ) from None
         if not math.isfinite(value) or value < 0:
-            raise BadInputError(f"bad --{what} '{text}': must be a finite number >= 0")
+            raise BadInputError(
+                f"bad {{option}} '{text}': must be a finite number >= 0", option=what
+            )
         if sep:
             if not name:
-                raise BadInputError(f"bad --{what} '{text}': empty output name")
+                raise BadInputError(f"bad {{option}} '{text}': empty output name", option=what)
             per_output[name] = value
         else:
             overall = value

@@ -7,7 +7,8 @@ with compare's defaults (random:4, seed 0, the same shapes for dynamic dimension
 Both models run on ONNX Runtime CPU with graph optimizations off (ORT's own BN fusion would hide
 a wrong fold), in a child process, so an ONNX Runtime crash is one line and exit 2. Only where
 ONNX Runtime lacks a kernel (NOT_IMPLEMENTED: fp64 Conv, bf16) do the models run on
-onnx.reference instead, judged by the same rule.
+onnx.reference instead: the same harness (runner and judge) with its other engine, judged by
+the same rule.
 
 When the original's outputs are NaN or Inf (a BN that fold keeps has a negative variance, say),
 each fold is judged on the tensor it produces, where that tensor is finite in the original,
@@ -16,7 +17,7 @@ and the verdict says which folds could not be checked and why.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,9 +25,17 @@ import numpy as np
 import onnx
 
 from bnsurgery.data import DEFAULT_RANDOM_SAMPLES, DEFAULT_SEED, random_spec
-from bnsurgery.errors import BadInputError, CheckFailed, first_line, is_onnxruntime_error
-from bnsurgery.harness.metrics import ErrorAccumulator, ErrorMetrics, ToleranceSpec
+from bnsurgery.errors import (
+    BadInputError,
+    BnSurgeryError,
+    CheckFailed,
+    first_line,
+    is_onnxruntime_error,
+)
+from bnsurgery.harness.metrics import ErrorMetrics
 from bnsurgery.passes import PassResult
+
+logger = logging.getLogger(__name__)
 
 ORT_ENGINE = "onnxruntime CPUExecutionProvider, ORT_DISABLE_ALL"
 
@@ -40,6 +49,9 @@ def is_missing_kernel(exc: BaseException) -> bool:
 def _compare(
     original: onnx.ModelProto, rewritten: onnx.ModelProto, options: dict[str, Any], **extra: Any
 ) -> Any:
+    """compare's own comparison of the rewritten model with the original, on ONNX Runtime CPU
+    in a child process (`extra`: more compare_models options, e.g. layerwise)."""
+    # imported here, not at the top: `fold --no-verify` must not pay for the harness's import
     from bnsurgery.harness.compare import compare_models
     from bnsurgery.runtime.isolation import run_isolated
 
@@ -69,6 +81,7 @@ def judge_pair(
         if not is_missing_kernel(exc):
             raise BadInputError(f"ONNX Runtime cannot run the model: {_first_line(exc)}") from None
         return _judge_on_reference(original, rewritten, options, exc)
+    logger.info("verified the rewrite on %s", ORT_ENGINE)
     return report.pairs[0].outputs, ORT_ENGINE, report.data
 
 
@@ -78,46 +91,28 @@ def _judge_on_reference(
     options: dict[str, Any],
     cause: BaseException,
 ) -> tuple[list[ErrorMetrics], str, dict[str, Any]]:
-    """The same comparison and rule on onnx.reference (for kernels ONNX Runtime lacks)."""
-    from bnsurgery.data import load_data
-    from bnsurgery.harness.compare import check_interfaces
-    from bnsurgery.harness.noise import rounding_noise_copy
-    from bnsurgery.runtime.reference import run_reference
+    """The same comparison and rule, run by the same harness on onnx.reference (for kernels
+    ONNX Runtime lacks), in this process: onnx.reference is Python, a crash there is an
+    exception."""
+    from bnsurgery.harness.compare import compare_models
 
-    check_interfaces(original, rewritten)
     engine = f"onnx.reference (onnxruntime has no kernel: {_first_line(cause)})"
-    source = load_data(options["data"], original, shapes=options["shapes"], seed=options["seed"])
-    tolerances = ToleranceSpec.parse(options["atol"], options["rtol"])
-    names = [o.name for o in original.graph.output]
-    tolerances.check_names(names)
-    noisy = rounding_noise_copy(original, options["seed"])
-    accumulators: dict[str, ErrorAccumulator] = {}
-    input_shapes: dict[str, list[int]] = {}
-    samples = 0
-    # NaN or inf in a model's outputs is judged like any other value; numpy's warnings about
-    # it (onnx.reference computes in numpy) would only be noise on stderr.
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for batch in source.batches():
-            input_shapes = input_shapes or {k: list(v.shape) for k, v in batch.feeds.items()}
-            try:
-                ref = run_reference(original, batch.feeds)
-                new = run_reference(rewritten, batch.feeds)
-                noise = run_reference(noisy, batch.feeds)
-            except Exception as exc:  # neither engine runs it (nor a training-mode BN): say so
-                raise BadInputError(
-                    f"cannot run the model to verify it: onnxruntime: {_first_line(cause)}; "
-                    f"onnx.reference: {_first_line(exc)}"
-                ) from None
-            for name in names:
-                acc = accumulators.get(name)
-                if acc is None:
-                    tol = tolerances.for_output(name, np.asarray(ref[name]).dtype)
-                    acc = accumulators[name] = ErrorAccumulator(name, *tol)
-                acc.update(ref[name], new[name], batch.labels, noise[name])
-            samples += batch.size
-    data = {**source.to_dict(), "samples": samples, "input_shapes": input_shapes}
-    return [a.result() for a in accumulators.values()], engine, data
+    logger.info("ONNX Runtime lacks a kernel (%s): verifying on onnx.reference", _first_line(cause))
+    options = dict(options)
+    label = options.pop("label")
+    try:
+        report = compare_models(
+            original, rewritten, reference_label=label, candidate_label="rewritten",
+            show_progress=False, engine="reference", **options,
+        )  # fmt: skip
+    except BnSurgeryError:
+        raise  # the models or the data are at fault, whatever the engine: said as it is
+    except Exception as exc:  # neither engine runs it (nor a training-mode BN): say so
+        raise BadInputError(
+            f"cannot run the model to verify it: onnxruntime: {_first_line(cause)}; "
+            f"onnx.reference: {_first_line(exc)}"
+        ) from None
+    return report.pairs[0].outputs, engine, report.data
 
 
 def _first_line(exc: BaseException) -> str:

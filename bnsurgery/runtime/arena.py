@@ -19,8 +19,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# session option that makes a session allocate from the environment's arena
-USE_ENV_ALLOCATORS = "session.use_env_allocators"
+import numpy as np
+from onnx import TensorProto, helper
+
+from bnsurgery.runtime.installation import onnxruntime
+from bnsurgery.runtime.providers import USE_ENV_ALLOCATORS, ProviderConfig, session_options
+
+__all__ = ["USE_ENV_ALLOCATORS", "register", "release", "shared_cpu_arena"]
 
 _lock = threading.Lock()
 _registered = False
@@ -30,8 +35,6 @@ _users = 0
 def register() -> None:
     """Register the shared CPU arena with ORT's environment, once per process."""
     global _registered
-    from bnsurgery.runtime.installation import onnxruntime
-
     ort = onnxruntime()
     with _lock:
         if _registered:
@@ -49,14 +52,9 @@ def register() -> None:
 
 def release() -> None:
     """Return the arena's free memory to the system (memory still in use stays)."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from bnsurgery.runtime.providers import ProviderConfig, session_options
-
     if not _registered:
         return
+    ort = onnxruntime()
     # ORT shrinks an arena only at the end of a run that asks for it: run a one-node session
     # on the shared arena with that request
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])

@@ -126,6 +126,10 @@ def supports_plugins() -> bool:
     return hasattr(ort, "register_execution_provider_library") and hasattr(ort, "get_ep_devices")
 
 
+# The parameter that names plugin EP libraries (NAME=PATH strings or a mapping), in errors.
+OPTION = "ep_libraries"
+
+
 def parse_library_specs(specs: Any) -> dict[str, str]:
     """`NAME=PATH` strings (or a mapping) -> {name: path}; bad input (exit 2) when malformed
     or when the file does not exist."""
@@ -136,11 +140,13 @@ def parse_library_specs(specs: Any) -> dict[str, str]:
     for name, path in items:
         name = str(name).strip()
         if not name:
-            raise BadInputError(f"--ep-library '{name}={path}': the name is empty")
+            raise BadInputError(f"{{option}} '{name}={path}': the name is empty", option=OPTION)
         if name in libraries and libraries[name] != str(path):
-            raise BadInputError(f"--ep-library: '{name}' is given twice with different paths")
+            raise BadInputError(
+                f"{{option}}: '{name}' is given twice with different paths", option=OPTION
+            )
         if not Path(path).is_file():
-            raise BadInputError(f"--ep-library {name}={path}: no such file")
+            raise BadInputError(f"{{option}} {name}={path}: no such file", option=OPTION)
         libraries[name] = str(path)
     return libraries
 
@@ -148,7 +154,9 @@ def parse_library_specs(specs: Any) -> dict[str, str]:
 def _split_spec(spec: Any) -> tuple[str, str]:
     text = str(spec)
     if "=" not in text:
-        raise BadInputError(f"--ep-library '{text}': expected NAME=PATH (e.g. ggml=/path/lib.so)")
+        raise BadInputError(
+            f"{{option}} '{text}': expected NAME=PATH (e.g. ggml=/path/lib.so)", option=OPTION
+        )
     name, path = text.split("=", 1)
     return name, path
 
@@ -169,7 +177,7 @@ def register_library(name: str, path: str, package: str | None = None) -> Librar
         if known is not None:
             if os.path.realpath(known.path) != os.path.realpath(path):
                 raise BadInputError(
-                    f"{name}: already registered from {known.path}, not {path}"
+                    f"{name}: already registered from {known.path}, not {path}", option=OPTION
                 )  # fmt: skip
             library = known
         else:

@@ -102,7 +102,7 @@ def run_isolated(fn: Callable[..., T], /, *args: Any, what: str, **kwargs: Any) 
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or replaced stream cannot be flushed
             stream.flush()
-    _release_free_heap()
+    release_free_heap()
     pid = 0
     open_fds: list[int] = []
     try:
@@ -315,12 +315,16 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _release_free_heap() -> None:
-    """Give the heap's free pages back to the system before forking (glibc's malloc_trim).
-    Freed memory that malloc keeps would be shared copy-on-write with the child, which reuses
-    it first: every page it touches is then copied (a fault and 4 KiB each). Handed back, those
-    pages come to the child fresh. Measured on ResNet-50: session creation in the child was
-    1.4x its in-process CPU time without this, 1.05x with it; the call costs milliseconds."""
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Before a fork: freed memory that malloc keeps would be shared copy-on-write with the child,
+    which reuses it first: every page it touches is then copied (a fault and 4 KiB each).
+    Handed back, those pages come to the child fresh. Measured on ResNet-50: session creation
+    in the child was 1.4x its in-process CPU time without this, 1.05x with it; the call costs
+    milliseconds.
+    Between sessions (the harness's one-at-a-time runs): memory one session freed is not counted
+    again while the next one lives."""
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None)  # glibc only
     if trim is not None:

@@ -18,9 +18,24 @@ from typing import Any
 import onnx
 
 from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line, is_onnxruntime_error
+from bnsurgery.onnxio import is_lazy, materialize
+from bnsurgery.runtime import placement as P
+from bnsurgery.runtime.installation import (
+    ep_devices,
+    onnxruntime,
+    parse_library_specs,
+    plugin_ep_names,
+    register_library,
+    register_package_for,
+    registered_libraries,
+)
 from bnsurgery.runtime.placement import Placement
 
 CPU_EP = "CPUExecutionProvider"
+
+# The session option that makes a session allocate from the environment's shared CPU arena
+# (registered by bnsurgery.runtime.arena, which builds on this module).
+USE_ENV_ALLOCATORS = "session.use_env_allocators"
 
 ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -51,8 +66,6 @@ def alias_of(name: str) -> str:
 def known_providers() -> list[str]:
     """Every provider name this process can ask for: ONNX Runtime's built-in EPs (available
     in this build or not) and the EPs of registered plugin libraries."""
-    from bnsurgery.runtime.installation import onnxruntime, plugin_ep_names
-
     ort = onnxruntime()
     names = list(dict.fromkeys([*ort.get_all_providers(), *ort.get_available_providers()]))
     return names + [n for n in plugin_ep_names() if n not in names]
@@ -62,8 +75,6 @@ def resolve_alias(alias: str) -> str:
     """The ONNX Runtime provider name of an alias, a full name, or a plugin EP's name
     (case-insensitive). An installed plugin package whose EP has that name is registered on
     the way. Unknown: bad input (exit 2) listing what is known."""
-    from bnsurgery.runtime.installation import register_package_for, registered_libraries
-
     key = alias.strip()
     if key.lower() in ALIASES:
         return ALIASES[key.lower()]
@@ -79,8 +90,9 @@ def resolve_alias(alias: str) -> str:
             break
     known = ", ".join(dict.fromkeys([*ALIASES, *(alias_of(n) for n in names)]))
     raise BadInputError(
-        f"unknown execution provider '{alias}' (known: {known}; a plugin EP library is "
-        "registered with --ep-library NAME=PATH)"
+        f"unknown execution provider '{alias}' (known: {known}; a plugin EP is known once "
+        "its library is registered, as NAME=PATH)",
+        option="providers",
     )
 
 
@@ -104,8 +116,6 @@ def parse_providers(spec: str | list[str] | tuple[str, ...], ep_libraries: Any =
 
     An unknown provider or a repeated one is bad input (exit 2).
     """
-    from bnsurgery.runtime.installation import parse_library_specs, register_library
-
     for name, path in parse_library_specs(ep_libraries).items():
         register_library(name, path)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -117,11 +127,13 @@ def parse_providers(spec: str | list[str] | tuple[str, ...], ep_libraries: Any =
             continue
         name = resolve_alias(item)
         if name in seen:
-            raise BadInputError(f"execution provider '{item}' is given twice")
+            raise BadInputError(f"execution provider '{item}' is given twice", option="providers")
         seen[name] = alias_of(name)
         aliases.append(alias_of(name))
     if not aliases:
-        raise BadInputError("no execution provider given (for example --providers cpu,cuda)")
+        raise BadInputError(
+            "no execution provider given in {option} (for example cpu,cuda)", option="providers"
+        )
     return aliases
 
 
@@ -134,7 +146,10 @@ def parse_provider_options(specs: Any) -> dict[str, dict[str, str]]:
     if isinstance(specs, dict):
         for ep, options in specs.items():
             if not isinstance(options, dict):
-                raise BadInputError(f"provider options for '{ep}' must be a table of KEY = VALUE")
+                raise BadInputError(
+                    f"{{option}} for '{ep}' must be a table of KEY = VALUE",
+                    option="provider_options",
+                )
             pairs += [(str(ep), str(k), _option_text(v)) for k, v in options.items()]
     else:
         for spec in specs:
@@ -143,8 +158,9 @@ def parse_provider_options(specs: Any) -> dict[str, dict[str, str]]:
             key, eq, value = rest.partition("=")
             if not (sep and eq and ep.strip() and key.strip()):
                 raise BadInputError(
-                    f"--provider-option '{text}': expected EP:KEY=VALUE "
-                    "(e.g. openvino:precision=FP32, ggml:weights=f32)"
+                    f"{{option}} '{text}': expected EP:KEY=VALUE "
+                    "(e.g. openvino:precision=FP32, ggml:weights=f32)",
+                    option="provider_options",
                 )
             pairs.append((ep, key, value))
     options: dict[str, dict[str, str]] = {}
@@ -160,15 +176,7 @@ def _option_text(value: Any) -> str:
 
 
 def available_providers() -> list[str]:
-    from bnsurgery.runtime.installation import onnxruntime
-
     return list(onnxruntime().get_available_providers())
-
-
-def availability() -> dict[str, bool]:
-    """Every known alias and whether this onnxruntime build offers its provider."""
-    available = set(available_providers())
-    return {alias: name in available for alias, name in ALIASES.items()}
 
 
 @dataclass
@@ -296,8 +304,6 @@ class SessionInfo:
 
 
 def session_options(config: ProviderConfig):  # -> ort.SessionOptions
-    from bnsurgery.runtime.installation import onnxruntime
-
     ort = onnxruntime()
     if config.opt_level not in OPT_LEVELS:
         raise BadInputError(
@@ -316,8 +322,6 @@ def session_options(config: ProviderConfig):  # -> ort.SessionOptions
     options.log_severity_level = 4
     options.enable_mem_pattern = config.memory_pattern
     if config.shared_cpu_arena:
-        from bnsurgery.runtime.arena import USE_ENV_ALLOCATORS
-
         options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
     return options
 
@@ -331,9 +335,6 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     fallback) or took none (full fallback), unless config.allow_fallback, in which case the
     fallback is recorded in SessionInfo.notes and `fallback`.
     """
-    from bnsurgery.runtime import placement as P
-    from bnsurgery.runtime.installation import ep_devices, onnxruntime, registered_libraries
-
     ort = onnxruntime()
     config = config or ProviderConfig()
     config.validate()
@@ -380,8 +381,6 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
     if isinstance(model, onnx.ModelProto):
-        from bnsurgery.onnxio import is_lazy, materialize
-
         # weights left in their files (io's lazy loading) are read now, into a copy that is
         # gone once serialized
         payload = (materialize(model) if is_lazy(model) else model).SerializeToString()
@@ -390,10 +389,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
     if isinstance(payload, os.PathLike):
         payload = os.fspath(payload)
     session = _new_session(ort, payload, options, providers, wanted, info, config)
-    # ORT's Python session keeps the serialized model it was made from, only to make itself
-    # again on its own CPU retry (turned off here): as large as the weights, for nothing
-    if isinstance(getattr(session, "_model_bytes", None), bytes):
-        session._model_bytes = None
+    drop_serialized_model(session)
     info.active = list(session.get_providers())
     try:
         info.effective_options = {
@@ -424,7 +420,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str],
         kind = "PARTIAL FALLBACK" if info.placement.kind == "partial" else "FALLBACK"  # type: ignore[union-attr]
         if not config.allow_fallback:
             raise EnvironmentProblem(
-                f"{problem}; --allow-fallback runs it anyway (and says so)"
+                f"{problem}; {{option}} runs it anyway (and says so)", option="allow_fallback"
             )  # fmt: skip
         info.notes.append(f"{kind}: {problem}")
     info.fallback = bool(info.notes)
@@ -459,6 +455,18 @@ def _new_session(ort: Any, payload: Any, options: Any, providers: list[Any] | No
             raise EnvironmentProblem(reason) from None
         info.notes.append(f"FALLBACK: {reason}; running on {CPU_EP}")
         return cpu
+
+
+def drop_serialized_model(session: Any) -> None:
+    """Let go of the serialized model ONNX Runtime's Python session keeps.
+
+    `InferenceSession` holds the bytes it was made from (the private `_model_bytes`) only to
+    build itself again when its own fallback retries on CPU; that retry is off here
+    (`enable_fallback=0`, see _new_session), so the copy, as large as the weights, would only
+    double the memory a large model costs. This is the one place that touches ORT's private
+    attribute: if a release renames it, nothing breaks, the memory is merely held."""
+    if isinstance(getattr(session, "_model_bytes", None), bytes):
+        session._model_bytes = None
 
 
 def _ort_message(exc: BaseException) -> str:

@@ -1,28 +1,52 @@
-"""Run a model over DATA on one execution provider: its outputs and chosen intermediate tensors.
+"""Run a model batch by batch on one execution provider: its outputs and chosen intermediates.
 
 A Runner has a plain lifecycle (Polygraphy's): `activate()` builds the session and verifies its
-placement, `infer(feeds)` runs one batch, and nothing here judges results. Intermediate tensors
-are returned by adding them as graph outputs of a copy of the model, typed from ONNX shape
-inference where it knows them and untyped otherwise (ONNX Runtime accepts both).
+placement, `infer(feeds)` runs one batch, `deactivate()` lets the session go, and nothing here
+judges results. `Executor` is that lifecycle as a protocol: the engine seam of the comparing
+harness, which runs a Runner (ONNX Runtime) or a runtime.reference.ReferenceRunner
+(onnx.reference) alike. Intermediate tensors are returned by adding them as graph outputs of a
+copy of the model, typed from ONNX shape inference where it knows them and untyped otherwise
+(ONNX Runtime accepts both).
 
-`run_model()` streams a DataSource through a runner, one batch at a time, with a progress bar on
-stderr only when stderr is a terminal.
+`progress()` wraps a stream of batches in a progress bar on stderr, shown only when stderr is
+a terminal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError
 from bnsurgery.runtime.providers import ProviderConfig, SessionInfo, create_session
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """One model ready to run batch by batch on one engine (the harness's engine seam)."""
+
+    label: str
+    extra_outputs: list[str]
+
+    def activate(self) -> SessionInfo:
+        """Make the session (once); what runs it."""
+        ...
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Run one batch: every output (graph outputs and extra ones) by name."""
+        ...
+
+    def deactivate(self) -> None:
+        """Let the session go; nothing of it outlives this."""
+        ...
 
 
 def stderr_is_tty() -> bool:
@@ -101,7 +125,7 @@ class Runner:
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | bytes,
         config: ProviderConfig | None = None,
         *,
         extra_outputs: Sequence[str] = (),
@@ -122,8 +146,14 @@ class Runner:
             if self.model is None:
                 raise RuntimeError(f"{self.label}: its serialized model went with its session")
             model = with_outputs(self.model, self.extra_outputs) if self.extra_outputs else None
+            started = time.perf_counter()
             self.session, self.info = create_session(model or self.model, self.config)
             self.output_names = [o.name for o in self.session.get_outputs()]
+            logger.debug(
+                "%s: session on %s, %s, %d outputs, made in %.2f s", self.label,
+                self.info.describe(), self.info.opt_level, len(self.output_names),
+                time.perf_counter() - started,
+            )  # fmt: skip
             if isinstance(self.model, bytes):  # the session has its own copy: don't keep two
                 self.model = None
         assert self.info is not None
@@ -136,74 +166,5 @@ class Runner:
         return dict(zip(self.output_names, values, strict=True))
 
     def deactivate(self) -> None:
+        """Let the session go (its memory with it); `activate()` makes it again if needed."""
         self.session = None
-
-
-@dataclass
-class RunResult:
-    """Everything one run produced, concatenated over batches."""
-
-    outputs: dict[str, np.ndarray]
-    labels: np.ndarray | None
-    session: SessionInfo
-    samples: int
-    batches: int
-    seconds: float
-    intermediates: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def run_model(
-    model: onnx.ModelProto,
-    data: Any,
-    config: ProviderConfig | None = None,
-    *,
-    intermediates: Sequence[str] = (),
-    show_progress: bool | None = None,
-) -> RunResult:
-    """Run `model` over `data` (a DataSource, or any DATA spec load_data accepts) on one
-    provider, streaming batches; outputs and the chosen intermediates are concatenated."""
-    from bnsurgery.data import DataSource, load_data
-
-    source = data if isinstance(data, DataSource) else load_data(data, model)
-    runner = Runner(model, config, extra_outputs=intermediates)
-    info = runner.activate()
-    graph_outputs = [o.name for o in model.graph.output]
-    collected: dict[str, list[np.ndarray]] = {}
-    labels: list[np.ndarray] = []
-    samples = batches = 0
-    start = time.perf_counter()
-    with progress(
-        source.batches(),
-        length=source.num_batches,
-        label=f"running {runner.label}",
-        enabled=show_progress,
-    ) as stream:
-        for batch in stream:
-            for name, value in runner.infer(batch.feeds).items():
-                collected.setdefault(name, []).append(value)
-            if batch.labels is not None:
-                labels.append(batch.labels)
-            samples += batch.size
-            batches += 1
-    seconds = time.perf_counter() - start
-    joined = {name: _join(parts) for name, parts in collected.items()}
-    return RunResult(
-        outputs={n: joined[n] for n in graph_outputs if n in joined},
-        labels=np.concatenate(labels) if labels and len(labels) == batches else None,
-        session=info,
-        samples=samples,
-        batches=batches,
-        seconds=seconds,
-        intermediates={n: joined[n] for n in intermediates if n in joined},
-    )
-
-
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    if len(parts) == 1:
-        return parts[0]
-    if all(p.ndim > 0 for p in parts):
-        try:
-            return np.concatenate(parts)
-        except ValueError:
-            pass
-    return np.stack(parts) if len({p.shape for p in parts}) == 1 else np.asarray(parts[-1])
