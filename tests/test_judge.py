@@ -21,7 +21,7 @@ import bnsurgery
 from bnsurgery.harness.metrics import NOISE_LIMIT, compare_arrays
 from bnsurgery.harness.noise import rounding_noise_copy
 from bnsurgery.passes.fold import FoldPass
-from bnsurgery.passes.verify import verify_equivalent
+from bnsurgery.passes.fold.verify import verify_equivalent
 
 FP32_DEEP = ["resnet50", "mobilenetv2", "efficientnet_b0_trained", "regnetx", "densenet"]
 

@@ -25,11 +25,6 @@ def _lint_imports() -> str:
     return found
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="modules are still moving into their layers on other branches; remove this marker "
-    "once they are merged",
-)
 def test_lint_imports_keeps_every_contract() -> None:
     proc = subprocess.run(
         [_lint_imports(), "--no-cache"],

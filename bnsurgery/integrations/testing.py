@@ -83,7 +83,7 @@ def assert_fold_equivalent(
     """
     from bnsurgery.onnxio import load_model
     from bnsurgery.passes.fold import FoldPass
-    from bnsurgery.passes.verify import failure_text, verify_equivalent
+    from bnsurgery.passes.fold.verify import failure_text, verify_equivalent
 
     original = load_model(model)
     result = FoldPass(backward=backward, affine=affine)(original)

@@ -31,9 +31,9 @@ from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.fold import FoldPass
+from bnsurgery.passes.fold.verify import verify_fold
 from bnsurgery.passes.insert import InsertPass, InsertReport
 from bnsurgery.passes.reestimate import ReestimatePass
-from bnsurgery.passes.verify import verify_fold
 
 logger = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ class FoldPass(PassBase):
             return
         # Imported here, not above: the judge brings ONNX Runtime, which a fold without
         # verification (the `api` bench, `bnsurgery info`) should not pay to load.
-        from bnsurgery.passes.verify import verify_fold
+        from bnsurgery.passes.fold.verify import verify_fold
 
         if original is None:  # rewritten in place: read the original again
             assert self.source is not None  # the constructor requires it

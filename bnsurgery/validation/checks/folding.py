@@ -171,7 +171,7 @@ def fp16_overflow_risk(ctx: ValidationContext) -> Iterator[Finding]:
     runs_model=True,
 )
 def fold_verification(ctx: ValidationContext) -> Iterator[Finding]:
-    from bnsurgery.passes.verify import verify_equivalent
+    from bnsurgery.passes.fold.verify import verify_equivalent
 
     ctx.require_runnable()
     result = ctx.fold()
