@@ -12,7 +12,7 @@ import pytest
 
 import bnsurgery
 from bnsurgery.errors import BadInputError, CheckFailed
-from bnsurgery.passes import make_pass
+from bnsurgery.pipeline.registry import make_pass
 from bnsurgery.passes.fold import FoldPass, VerificationFailed
 from bnsurgery.passes.fold import arithmetic as fold_math
 
