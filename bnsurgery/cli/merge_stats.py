@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli.main import emit, json_option
+from bnsurgery.cli.options import json_option
+from bnsurgery.cli.render import emit
 from bnsurgery.errors import UsageError
 
 EXAMPLE = """\b
@@ -23,7 +24,7 @@ Example:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="The merged .npz."
 )
-@json_option
+@json_option()
 def merge_stats_command(files: tuple[Path, ...], output: Path, as_json: bool) -> None:
     """Merge BN statistics files exactly (Chan's formula, float64).
 

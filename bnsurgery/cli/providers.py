@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.main import emit, json_option
+from bnsurgery.cli.options import ep_library_option, json_option
+from bnsurgery.cli.render import emit
 
 SCHEMA = "bnsurgery.providers/1"
 
@@ -107,14 +108,8 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 @click.command("providers")
-@click.option(
-    "--ep-library",
-    "ep_libraries",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Also register this plugin execution provider library (repeatable).",
-)
-@json_option
+@ep_library_option("Also register this plugin execution provider library (repeatable).")
+@json_option()
 def providers_command(ep_libraries: tuple[str, ...], as_json: bool) -> None:
     """List the ONNX Runtime installed (and warn when two flavours collide), its execution
     providers, plugin EP libraries and their devices.
