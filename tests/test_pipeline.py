@@ -174,7 +174,7 @@ BAD = [
     ("refused-by-pass", '[[step]]\npass = "fold"\n\n[[step]]\npass = "reestimate"\n'
      'mode = "exact"\n', 4, "step 2 (reestimate): re-estimation needs DATA"),
     ("bad-value", '[[step]]\npass = "validate"\nfail_on = "info"\n', 1,
-     "step 1 (validate): --fail-on must be one of error, warning"),
+     "step 1 (validate): fail_on must be one of error, warning"),
     ("inline-tables", 'step = [{pass = "fold"},\n  {pass = "fold", bakward = 1}]\n', 2,
      "unknown option 'bakward'"),
     ("step-not-table", 'step = "fold"\n', 1, "'step' must be an array of tables"),

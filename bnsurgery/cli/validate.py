@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from bnsurgery.cli.main import flag_for
 from bnsurgery.cli.options import (
     allow_fallback_option,
     data_option,
@@ -56,7 +57,7 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
     for note in report.notes:
         lines.append(f"note: {note}")
     lines.append("")
-    lines.append(report.summary())
+    lines.append(report.summary(option=flag_for("fail_on")))
     return "\n".join(lines)
 
 
