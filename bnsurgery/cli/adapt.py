@@ -31,6 +31,8 @@ from bnsurgery.cli.render import ProgressBar, data_notes
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
 from bnsurgery.onnxio import load_model
+from bnsurgery.passes.adapt import adapt
+from bnsurgery.passes.adapt_auto import guarded
 
 EXAMPLE = """\b
 Example:
@@ -110,9 +112,6 @@ def adapt_command(
     A model without BN gets BNs inserted and calibrated on SOURCE first, and folded back
     afterwards (--fold), so the output has MODEL's nodes with new weights.
     """
-    from bnsurgery.passes.adapt import adapt
-    from bnsurgery.passes.adapt_auto import guarded
-
     out = resolve_output_path(model, output, "adapted")
     original = load_model(model)
     shape_overrides = parse_shape_overrides(shapes)

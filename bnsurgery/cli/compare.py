@@ -20,6 +20,8 @@ from bnsurgery.cli.options import (
 from bnsurgery.cli.render import emit, info, quiet
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
+from bnsurgery.harness.compare import compare
+from bnsurgery.harness.matching import load_tensor_map
 from bnsurgery.runtime.providers import CUDNN_CONV_ALGO_SEARCH, OPT_LEVELS
 
 EXAMPLE = """\b
@@ -143,9 +145,6 @@ def compare_command(
     limit, 3 when a requested provider is unavailable or any node ran elsewhere (unless
     --allow-fallback). See docs/compare.md, docs/verification.md and docs/providers.md.
     """
-    from bnsurgery.harness.compare import compare
-    from bnsurgery.harness.matching import load_tensor_map
-
     tensor_map = load_tensor_map(str(map_path)) if map_path is not None else None
     if map_path is not None and not layerwise:
         info("note: --map is used only with --layerwise")

@@ -23,7 +23,7 @@ from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.render import ProgressBar, data_notes, emit, save_and_emit, table
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.onnxio import load_model
-from bnsurgery.passes.insert import DEFAULT_AFTER
+from bnsurgery.passes.insert import DEFAULT_AFTER, insert
 
 EXAMPLE = """\b
 Example:
@@ -108,8 +108,6 @@ def insert_command(
     identity and carry DATA's statistics, so `bnsurgery reestimate` on shifted data then
     adapts a model whose BNs the exporter had folded away.
     """
-    from bnsurgery.passes.insert import insert
-
     target = resolve_output_path(model, output, "inserted", in_place=in_place)
     original = load_model(model)
     with ProgressBar("calibrating") as bar:

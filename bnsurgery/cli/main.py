@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 import click
@@ -35,9 +36,10 @@ from bnsurgery.errors import (
 logger = logging.getLogger(__name__)
 
 # name -> (module, attribute, summary) of every command; each module defines one click command.
-# They are imported only when used, so `bnsurgery fold` does not pay for the harness and
-# validate, and `bnsurgery --help` lists them from the summaries here without importing onnx
-# or numpy (a test keeps each summary equal to its command's own first help line).
+# They are imported only when used: `bnsurgery --help` lists them from the summaries here
+# without importing onnx or numpy (tests/test_cli_startup.py), and a test keeps each summary
+# equal to its command's own first help line. The command modules import what they use at the
+# top; this module is the only one that must stay light.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "fold": (
         "bnsurgery.cli.fold", "fold_command",
@@ -311,8 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_traceback() -> None:
     """-vv: the traceback of the error being handled, on stderr, above its one-line message."""
-    import traceback
-
     click.echo(traceback.format_exc().rstrip(), err=True)
 
 

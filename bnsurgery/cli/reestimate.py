@@ -33,9 +33,10 @@ from bnsurgery.cli.output_path import resolve_output_path
 from bnsurgery.cli.render import ProgressBar, data_notes, table
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
+from bnsurgery.measure.ray import RayOptions, require_ray
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes.adapt_auto import guarded
-from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET
+from bnsurgery.passes.reestimate import DEFAULT_MEMORY_BUDGET, ReestimatePass
 from bnsurgery.passes.source_relative import is_stats_file
 
 EXAMPLE = """\b
@@ -174,8 +175,6 @@ def reestimate_command(
     its new statistics; independent BNs share a pass. The stored var is the population
     (biased) variance. See docs/reestimate.md.
     """
-    from bnsurgery.passes.reestimate import ReestimatePass
-
     if data is None and stats_path is None:
         raise UsageError("give --data DATA to measure on, or --stats FILE to apply")
     if data is not None and stats_path is not None:
@@ -266,8 +265,6 @@ def _ray_options(engine: str, address: str | None, workers: int | None, data: st
         if address is not None or workers is not None:
             raise UsageError("--address and --workers need --engine ray")
         return None
-    from bnsurgery.measure.ray import RayOptions, require_ray
-
     require_ray()
     if data is None:
         raise UsageError("--engine ray measures on --data shards; it does not apply --stats")

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from bnsurgery.cli.main import State
 from bnsurgery.harness.report import text_table
+from bnsurgery.onnxio import save_model
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ def emit(as_json: bool, payload: dict[str, Any], text: Callable[[], str]) -> Non
 
 
 def _json_default(value: Any) -> Any:
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -51,8 +51,6 @@ def save_and_emit(
 ) -> None:
     """The tail of a command that writes a model: save MODEL to TARGET, add "output" (then
     EXTRA) to the payload and print it; the text ends with `wrote OUT`."""
-    from bnsurgery.onnxio import save_model
-
     start = time.perf_counter()
     written = save_model(model, target)
     logger.info("saved %s in %.3f s", written, time.perf_counter() - start)
