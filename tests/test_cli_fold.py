@@ -1,5 +1,5 @@
 """`bnsurgery fold` and `bnsurgery info` on the command line: outputs, JSON, exit codes, and every
-bad input of issue 2 (exit 2, one clear line, no traceback, input untouched, nothing written)."""
+bad input fold can meet (exit 2, one clear line, no traceback, input untouched, nothing written)."""
 
 from __future__ import annotations
 

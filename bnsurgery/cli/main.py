@@ -165,9 +165,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever sys.stderr is when a record arrives (click's and pytest's capture
     replace it), as logging's own last-resort handler does."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self):  # type: ignore[no-untyped-def]
         return sys.stderr
