@@ -3,7 +3,7 @@
 `Moments` holds the statistics of one BatchNormalization input: how many values each channel
 has seen, their mean, and M2 (the sum of squared deviations from the mean). Batches are
 merged one at a time with Chan et al.'s parallel update, so nothing ever holds the whole data
-set, and moments computed on different machines combine exactly (DESIGN.md §5):
+set, and moments computed on different machines combine exactly (docs/design.md):
 
     n = na + nb,  delta = mean_b - mean_a,
     mean = mean_a + delta * nb / n,  M2 = M2_a + M2_b + delta**2 * na * nb / n.
@@ -16,6 +16,7 @@ is saved in the same file (keys prefixed `source_`) and merged alongside.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,8 @@ import numpy as np
 
 from bnsurgery.data.npfile import load_npz
 from bnsurgery.errors import BadInputError, DataError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "bnsurgery-stats/1"
 MODES = ("exact", "batch", "calibrate")
@@ -303,7 +306,7 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> StatsSet:
     paths = list(paths)
     sets = [StatsSet.load(p) for p in paths]
     if not sets:
-        raise BadInputError("merge-stats needs at least one statistics file")
+        raise BadInputError("no statistics files to merge")
     merged = sets[0]
     for other, path in zip(sets[1:], paths[1:], strict=True):
         try:
@@ -321,6 +324,10 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> StatsSet:
                 source.samples,
             )
         merged = StatsSet(merged.mode, entries, merged.samples, source)
+    logger.info(
+        "merged %d statistics file(s): %d BN(s), %d samples, mode %s",
+        len(sets), len(merged.entries), merged.samples, merged.mode,
+    )  # fmt: skip
     return merged
 
 

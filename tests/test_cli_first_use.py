@@ -147,8 +147,9 @@ def test_vv_shows_the_traceback_of_a_bad_input_error(cli, tmp_path, where: str) 
     assert code == 2 and len(plain.strip().splitlines()) == 1
     code, _, err = cli(*(["-vv", *args] if where == "before" else [*args, "-vv"]))
     assert code == 2
-    assert err.startswith("Traceback (most recent call last):")
-    assert "bnsurgery.errors.DataError: " in err
+    logged, traceback = err.split("Traceback (most recent call last):\n", 1)
+    assert all(line.startswith(("info: ", "debug: ")) for line in logged.splitlines())
+    assert "bnsurgery.errors.DataError: " in traceback
     assert err.strip().splitlines()[-1] == plain.strip()
 
 

@@ -12,9 +12,9 @@ import pytest
 
 import bnsurgery
 from bnsurgery.errors import BadInputError, CheckFailed
-from bnsurgery.pipeline.registry import make_pass
 from bnsurgery.passes.fold import FoldPass, VerificationFailed
 from bnsurgery.passes.fold import arithmetic as fold_math
+from bnsurgery.pipeline.registry import make_pass
 
 
 def _wrong_conv_fold(monkeypatch) -> None:

@@ -176,7 +176,7 @@ BAD = [
     ("refused-by-pass", '[[step]]\npass = "fold"\n\n[[step]]\npass = "reestimate"\n'
      'mode = "exact"\n', 4, "step 2 (reestimate): re-estimation needs DATA"),
     ("bad-value", '[[step]]\npass = "validate"\nfail_on = "info"\n', 1,
-     "must be one of error, warning"),
+     "step 1 (validate): fail_on must be one of error, warning"),
     ("missing-option", '\n[[step]]\npass = "adapt"\nsource = "s.npz"\n', 2,
      "step 1 (adapt): missing option 'target'"),
     ("quoted-key", '[[step]]\n"pass" = "fold"\n\n[[step]]\npass = "insert"\n"after" = 1\n',

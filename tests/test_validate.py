@@ -14,6 +14,7 @@ from conftest import SAMPLES, sha256
 from onnx import helper
 
 import bnsurgery
+from bnsurgery.errors import CheckFailed
 from bnsurgery.validation.checks import builtin_checks
 from bnsurgery.validation.gate import ValidationFailed, validate
 
@@ -427,6 +428,20 @@ def test_fail_on_warning_fails_on_warnings_only_then(cli, write_model):
     assert cli("validate", path)[0] == 0
     code, _, err = cli("validate", path, "--fail-on", "warning")
     assert code == 1 and "bn-untrained-stats" in err
+
+
+def test_a_failed_gate_names_fail_on_as_each_front_end_spells_it(cli, write_model) -> None:
+    path = write_model(conv_bn_stats(mean=0.0, var=1.0))  # untrained statistics: a warning
+    code, out, err = cli("validate", path, "--fail-on", "warning")
+    assert code == 1
+    assert "validation FAILED (--fail-on warning)" in out
+    assert err.startswith("bnsurgery: error: validation FAILED (--fail-on warning): ")
+    report = bnsurgery.validate(path, fail_on="warning")
+    assert report.summary().startswith("validation FAILED (fail_on warning): ")
+    with pytest.raises(ValidationFailed) as raised:
+        report.raise_for_findings()
+    assert raised.value.option == "fail_on" and isinstance(raised.value, CheckFailed)
+    assert str(raised.value).startswith("validation FAILED (fail_on warning): ")
 
 
 def test_text_output_has_severity_id_node_message_and_fix(cli, write_model):

@@ -7,25 +7,32 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.guarded import finish, guard_options
+from bnsurgery.cli.guarded import finish
 from bnsurgery.cli.insert import render_insert
-from bnsurgery.cli.main import (
-    ProgressBar,
+from bnsurgery.cli.options import (
     batch_size_option,
-    data_notes,
+    guard_options,
     json_option,
+    measure_opt_level_option,
+    memory_budget_option,
+    mode_option,
+    nodes_option,
     output_option,
     parse_size,
+    prior_option,
     provider_option,
+    samples_option,
     shape_option,
+    source_option,
 )
 from bnsurgery.cli.output_path import resolve_output_path
-from bnsurgery.cli.reestimate import measure_opt_level_option, render_reestimate
+from bnsurgery.cli.reestimate import render_reestimate
+from bnsurgery.cli.render import ProgressBar, data_notes
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.measure.engine import MODES
-from bnsurgery.measure.feeds import MIN_SAMPLES
 from bnsurgery.onnxio import load_model
+from bnsurgery.passes.adapt import adapt
+from bnsurgery.passes.adapt_auto import guarded
 
 EXAMPLE = """\b
 Example:
@@ -57,11 +64,7 @@ def render_adapt(payload: dict[str, Any]) -> str:
 @click.command("adapt", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "target_data", required=True, help="DATA of the new distribution.")
-@click.option(
-    "--source",
-    help="Clean DATA of your own: calibrates inserted BNs (MODEL without BN), or adapts "
-    "MODEL's BNs by the change from SOURCE to TARGET.",
-)
+@source_option()
 @output_option("adapted")
 @click.option(
     "--fold/--no-fold",
@@ -69,24 +72,20 @@ def render_adapt(payload: dict[str, Any]) -> str:
     show_default=True,
     help="Fold the inserted BNs back (same node count as MODEL).",
 )
-@click.option("--mode", type=click.Choice(MODES), default="exact", show_default=True)
-@click.option("--prior", type=click.FloatRange(min=0), help="Blend with the source statistics.")
-@click.option(
-    "--samples",
-    type=click.IntRange(min=MIN_SAMPLES),
-    help="At most N samples of each DATA (a variance needs at least 2).",
-)
-@batch_size_option
+@mode_option(None)
+@prior_option("Blend with the source statistics.")
+@samples_option("At most N samples of each DATA (a variance needs at least 2).")
+@batch_size_option()
 @click.option(
     "--after", help="Op types to insert BNs after (default Conv,ConvTranspose,Gemm,MatMul)."
 )
-@click.option("--nodes", help="Regex: nodes to insert after (no BN) or BNs to re-estimate.")
-@click.option("--memory-budget", default="2GB", show_default=True, help="Exact-mode cache size.")
+@nodes_option("Regex: nodes to insert after (no BN) or BNs to re-estimate.")
+@memory_budget_option("Exact-mode cache size.")
 @guard_options
-@shape_option
-@provider_option
-@measure_opt_level_option
-@json_option
+@shape_option()
+@provider_option()
+@measure_opt_level_option()
+@json_option()
 def adapt_command(
     model: Path,
     target_data: str,
@@ -113,9 +112,6 @@ def adapt_command(
     A model without BN gets BNs inserted and calibrated on SOURCE first, and folded back
     afterwards (--fold), so the output has MODEL's nodes with new weights.
     """
-    from bnsurgery.passes.adapt import adapt
-    from bnsurgery.passes.adapt_auto import guarded
-
     out = resolve_output_path(model, output, "adapted")
     original = load_model(model)
     shape_overrides = parse_shape_overrides(shapes)

@@ -6,9 +6,22 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli.main import State, batch_size_option, emit, info, json_option, shape_option
+from bnsurgery.cli.options import (
+    allow_fallback_option,
+    batch_size_option,
+    data_option,
+    ep_library_option,
+    json_option,
+    provider_options_option,
+    providers_option,
+    seed_option,
+    shape_option,
+)
+from bnsurgery.cli.render import emit, info, quiet
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
+from bnsurgery.harness.compare import compare
+from bnsurgery.harness.matching import load_tensor_map
 from bnsurgery.runtime.providers import CUDNN_CONV_ALGO_SEARCH, OPT_LEVELS
 
 EXAMPLE = """\b
@@ -22,36 +35,18 @@ Example:
 @click.command("compare", epilog=EXAMPLE)
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--providers",
-    default="cpu",
-    show_default=True,
-    help="Comma-separated execution providers: cpu, cuda, tensorrt, openvino, dml, coreml, any "
-    "name `bnsurgery providers` lists, or a plugin EP's. The reference runs on the first.",
+@providers_option()
+@ep_library_option(
+    "Register a plugin execution provider library (repeatable); then --providers NAME."
 )
-@click.option(
-    "--ep-library",
-    "ep_libraries",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Register a plugin execution provider library (repeatable); then --providers NAME.",
+@provider_options_option(
+    "An option of one provider (repeatable), e.g. openvino:precision=FP32, "
+    "ggml:weights=f32, cuda:use_tf32=1."
 )
-@click.option(
-    "--provider-option",
-    "provider_options",
-    multiple=True,
-    metavar="EP:KEY=VALUE",
-    help="An option of one provider (repeatable), e.g. openvino:precision=FP32, "
-    "ggml:weights=f32, cuda:use_tf32=1.",
-)
-@click.option(
-    "--data",
-    help="DATA: file.npz, file.npy, a folder of them, script.py with load_data(), or random:N "
-    "(default random:4, seed 0, as fold's verification).",
-)
+@data_option()
 @click.option("--labels", "labels_key", help="Labels key in DATA (default: 'label' if present).")
-@shape_option
-@batch_size_option
+@shape_option()
+@batch_size_option()
 @click.option(
     "--atol",
     multiple=True,
@@ -79,12 +74,7 @@ Example:
     type=click.Path(path_type=Path),
     help="Also write an HTML report (plots with matplotlib).",
 )
-@click.option(
-    "--allow-fallback",
-    is_flag=True,
-    help="Run anyway when a requested provider is unavailable or leaves nodes to another "
-    "provider (stated loudly, the op types named) instead of exit 3.",
-)
+@allow_fallback_option()
 @click.option(
     "--opt-level",
     type=click.Choice(list(OPT_LEVELS)),
@@ -116,13 +106,9 @@ Example:
     "--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: ORT default)."
 )
 @click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, help="0: ORT default.")
-@click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for random data."
-)
-@json_option
-@click.pass_context
+@seed_option()
+@json_option()
 def compare_command(
-    ctx: click.Context,
     reference: Path,
     candidate: Path | None,
     providers: str,
@@ -159,11 +145,6 @@ def compare_command(
     limit, 3 when a requested provider is unavailable or any node ran elsewhere (unless
     --allow-fallback). See docs/compare.md, docs/verification.md and docs/providers.md.
     """
-    from bnsurgery.harness.compare import compare
-    from bnsurgery.harness.matching import load_tensor_map
-
-    state = ctx.find_root().obj
-    quiet = isinstance(state, State) and state.quiet
     tensor_map = load_tensor_map(str(map_path)) if map_path is not None else None
     if map_path is not None and not layerwise:
         info("note: --map is used only with --layerwise")
@@ -191,7 +172,7 @@ def compare_command(
         batch_size=batch_size,
         shapes=parse_shape_overrides(shapes),
         seed=seed,
-        show_progress=False if quiet else None,
+        show_progress=False if quiet() else None,
     )
     for note in report.fallbacks:
         info(f"bnsurgery: WARNING: {note}")

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli.main import emit, in_place_option, json_option, output_option
+from bnsurgery.cli.options import (
+    external_data_option,
+    in_place_option,
+    json_option,
+    output_option,
+    shape_option,
+)
 from bnsurgery.cli.output_path import resolve_output_path
+from bnsurgery.cli.render import emit, table
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import CheckFailed
 from bnsurgery.harness.metrics import ratio_text
@@ -33,14 +40,7 @@ def render_table(report: FoldReport, *, dry_run: bool = False) -> str:
         rows.append((name, action, target, reason))
     if len(rows) == 1:
         return "no BatchNormalization nodes in the model"
-    widths = [min(max(len(r[i]) for r in rows), 60) for i in range(3)]
-    lines = []
-    for i, row in enumerate(rows):
-        cells = [row[c].ljust(widths[c]) for c in range(3)]
-        lines.append("  ".join([*cells, row[3]]).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in [*widths, 6]))
-    return "\n".join(lines)
+    return "\n".join(table(rows, max_width=60, free_last=True))
 
 
 def render_summary(report: FoldReport, seconds: float, output: Path | None) -> str:
@@ -87,7 +87,7 @@ def _payload(report: FoldReport, seconds: float, output: Path | None) -> dict:
 @click.command("fold")
 @click.argument("model", type=click.Path(path_type=Path))
 @output_option("folded")
-@in_place_option
+@in_place_option()
 @click.option("--no-backward", is_flag=True, help="Only fold BN into the op before it.")
 @click.option("--no-affine", is_flag=True, help="Leave per-channel constant Mul/Add/Sub/Div.")
 @click.option(
@@ -97,14 +97,9 @@ def _payload(report: FoldReport, seconds: float, output: Path | None) -> dict:
     help="Run original and folded model on ORT CPU (optimizations off) and judge the outputs: "
     "deviation within 8x the original's rounding noise (docs/verification.md).",
 )
-@click.option(
-    "--shape",
-    "shapes",
-    multiple=True,
-    help="Input shape for verification, NAME:1x3x8x8 (default: dynamic dimensions are 1).",
-)
-@click.option("--external-data", is_flag=True, help="Save weights to <OUT>.data beside OUT.")
-@json_option
+@shape_option("Input shape for verification, NAME:1x3x8x8 (default: dynamic dimensions are 1).")
+@external_data_option()
+@json_option()
 def fold_command(
     model: Path,
     output: Path | None,
@@ -151,7 +146,7 @@ def fold_command(
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--no-backward", is_flag=True, help="As fold --no-backward.")
 @click.option("--no-affine", is_flag=True, help="As fold --no-affine.")
-@json_option
+@json_option()
 def info_command(model: Path, no_backward: bool, no_affine: bool, as_json: bool) -> None:
     """List every BN and what fold would do with it (a dry run: nothing is written).
 

@@ -1,5 +1,6 @@
-"""Options and output shared by `reestimate` and `adapt`: --source, --max-drop, --force,
---auto, the drift warning and the before/after evidence (passes.adapt_guard, adapt_auto)."""
+"""The output `reestimate` and `adapt` share: the drift warning, the before/after evidence of
+the guard (passes.adapt_guard, adapt_auto), and writing or refusing the adapted model. Their
+shared options (--max-drop, --force, --auto) are cli.options.guard_options."""
 
 from __future__ import annotations
 
@@ -7,39 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-
-from bnsurgery.cli.main import emit, info, save_and_emit
+from bnsurgery.cli.render import emit, info, save_and_emit
 from bnsurgery.errors import CheckFailed
-from bnsurgery.passes.adapt_guard import (
-    DEFAULT_MAX_DROP,
-    ENTROPY_RISE,
-    drift,
-    drift_warning,
-    entropy_rise,
-)
-
-
-def guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--max-drop, --force, --auto."""
-    func = click.option(
-        "--auto",
-        is_flag=True,
-        help="Try plain, source-relative, prior strengths and the first BNs only on a held-out "
-        "part of TARGET (accuracy with labels, else prediction entropy); keep the best.",
-    )(func)
-    func = click.option(
-        "--force", is_flag=True, help="Write the adapted model even when the guard refuses it."
-    )(func)
-    func = click.option(
-        "--max-drop",
-        type=click.FloatRange(min=0),
-        default=DEFAULT_MAX_DROP,
-        show_default=True,
-        help="With labels in DATA: refuse (exit 1) an adaptation that lowers held-out accuracy "
-        "by more than this many points.",
-    )(func)
-    return func
+from bnsurgery.passes.adapt_guard import ENTROPY_RISE, drift, drift_warning, entropy_rise
 
 
 def finish(

@@ -8,25 +8,22 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.main import (
-    ProgressBar,
+from bnsurgery.cli.options import (
     batch_size_option,
-    data_notes,
-    emit,
     in_place_option,
     json_option,
+    measure_opt_level_option,
+    nodes_option,
     output_option,
     provider_option,
-    save_and_emit,
+    samples_option,
     shape_option,
 )
 from bnsurgery.cli.output_path import resolve_output_path
-from bnsurgery.cli.reestimate import measure_opt_level_option
+from bnsurgery.cli.render import ProgressBar, data_notes, emit, save_and_emit, table
 from bnsurgery.data import parse_shape_overrides
-from bnsurgery.harness.render_text import text_table
-from bnsurgery.measure.feeds import MIN_SAMPLES
 from bnsurgery.onnxio import load_model
-from bnsurgery.passes.insert import DEFAULT_AFTER
+from bnsurgery.passes.insert import DEFAULT_AFTER, insert
 
 EXAMPLE = """\b
 Example:
@@ -39,7 +36,7 @@ def render_insert(payload: dict[str, Any]) -> str:
     rows = [("after node", "op", "BN", "channels", "dtype")]
     for e in payload["inserted"]:
         rows.append((e["after"], e["op"], e["bn"], str(e["channels"]), e["dtype"]))
-    lines = text_table(rows, max_width=48) if payload["inserted"] else []
+    lines = table(rows, max_width=48) if payload["inserted"] else []
     for s in payload["skipped"]:
         lines.append(f"skipped {s['node']} ({s['op']}): {s['reason']}")
     cal = payload.get("calibration")
@@ -57,14 +54,14 @@ def render_insert(payload: dict[str, Any]) -> str:
 @click.command("insert", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
 @output_option("inserted")
-@in_place_option
+@in_place_option()
 @click.option(
     "--after",
     default=",".join(DEFAULT_AFTER),
     show_default=True,
     help="Op types to follow with a BN (comma-separated).",
 )
-@click.option("--nodes", help="Only nodes whose name (or output) matches this regular expression.")
+@nodes_option("Only nodes whose name (or output) matches this regular expression.")
 @click.option(
     "--calibrate",
     "calibrate",
@@ -83,16 +80,12 @@ def render_insert(payload: dict[str, Any]) -> str:
     is_flag=True,
     help="Also insert after nodes that produce a graph output (the classifier, usually).",
 )
-@click.option(
-    "--samples",
-    type=click.IntRange(min=MIN_SAMPLES),
-    help="Calibrate on at most N samples (a variance needs at least 2).",
-)
-@batch_size_option
-@shape_option
-@provider_option
-@measure_opt_level_option
-@json_option
+@samples_option("Calibrate on at most N samples (a variance needs at least 2).")
+@batch_size_option()
+@shape_option()
+@provider_option()
+@measure_opt_level_option()
+@json_option()
 def insert_command(
     model: Path,
     output: Path | None,
@@ -115,8 +108,6 @@ def insert_command(
     identity and carry DATA's statistics, so `bnsurgery reestimate` on shifted data then
     adapts a model whose BNs the exporter had folded away.
     """
-    from bnsurgery.passes.insert import insert
-
     target = resolve_output_path(model, output, "inserted", in_place=in_place)
     original = load_model(model)
     with ProgressBar("calibrating") as bar:

@@ -1,21 +1,27 @@
-"""The `bnsurgery` command line: a click group, shared options, and the error-to-exit-code rule.
+"""The `bnsurgery` command line: the click group, its global options (-v, -q), logging, and the
+error-to-exit-code rule.
 
-Every command lives in its own module under bnsurgery/commands/ and does three things: parse,
-call the Python API, render text or JSON. Errors derived from BnSurgeryError become one line on
-stderr and their exit code (DESIGN.md §2), unforeseen ones one line and exit 2; -vv prints the
-traceback of either above that line (the exit code stays the same).
+Every command lives in its own module under bnsurgery/cli/ and does three things: parse, call
+the Python API, render text or JSON (cli.render); the options several commands share are
+defined once in cli.options. Errors derived from BnSurgeryError become one line on stderr and
+their exit code (docs/design.md), unforeseen ones one line and exit 2; -vv prints the traceback
+of either above that line (the exit code stays the same). A library error names the parameter
+at fault (`option="prior"`); `flag_for` turns it into the command's flag (`--prior`).
+
+Logging is configured here and nowhere else: the `bnsurgery` logger's records go to stderr
+(warnings always, INFO with -v, DEBUG with -vv, errors only with -q), so stdout keeps only the
+result. This module imports no onnx, numpy or onnxruntime: `bnsurgery --help` stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+import time
+import traceback
+from collections.abc import Sequence
 
 import click
 
@@ -23,15 +29,17 @@ from bnsurgery import __version__
 from bnsurgery.errors import (
     EXIT_BAD_INPUT,
     BnSurgeryError,
-    UsageError,
     first_line,
     is_onnxruntime_error,
 )
 
+logger = logging.getLogger(__name__)
+
 # name -> (module, attribute, summary) of every command; each module defines one click command.
-# They are imported only when used, so `bnsurgery fold` does not pay for the harness and
-# validate, and `bnsurgery --help` lists them from the summaries here without importing onnx
-# or numpy (a test keeps each summary equal to its command's own first help line).
+# They are imported only when used: `bnsurgery --help` lists them from the summaries here
+# without importing onnx or numpy (tests/test_cli_startup.py), and a test keeps each summary
+# equal to its command's own first help line. The command modules import what they use at the
+# top; this module is the only one that must stay light.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "fold": (
         "bnsurgery.cli.fold", "fold_command",
@@ -84,15 +92,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }  # fmt: skip
 
 
-log = logging.getLogger("bnsurgery")
-
-
 class State:
-    """Global options, reachable from every command through click's context."""
+    """Global options, reachable from every command through click's context (`ctx.obj`), and
+    the command being run (for the flags its errors name)."""
 
     def __init__(self, verbose: int = 0, quiet: bool = False) -> None:
         self.verbose = verbose
         self.quiet = quiet
+        self.command: str | None = None
+        self.start: float | None = None  # when the command began (perf_counter)
 
 
 class LazyGroup(click.Group):
@@ -136,137 +144,119 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Surgery on BatchNormalization in ONNX models: fold, insert, re-estimate, compare."""
-    ctx.obj = State(verbose, quiet)
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else (
-        logging.INFO if verbose else logging.WARNING))  # fmt: skip
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    state = ctx.ensure_object(State)
+    state.verbose, state.quiet, state.command = verbose, quiet, ctx.invoked_subcommand
+    state.start = time.perf_counter()
+    configure_logging(ctx, verbose, quiet)
 
 
-# -- options several commands share (each a plain click.option) ------------------------------
-def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout."
-    )(func)
+@cli.result_callback()
+@click.pass_context
+def _finished(ctx: click.Context, result: object, **_options: object) -> object:
+    """-v: how long the command took, once it succeeded (a failure is its error line)."""
+    state = ctx.find_object(State)
+    if state is not None and state.start is not None:
+        logger.info("%s took %.3f s", state.command, time.perf_counter() - state.start)
+    return result
 
 
-def output_option(suffix: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """-o/--output, whose default is <stem>.SUFFIX.onnx beside MODEL."""
-    return click.option(
-        "-o", "--output", type=click.Path(path_type=Path), help=f"Default: <stem>.{suffix}.onnx"
-    )
+# -- logging -----------------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record arrives (click's and pytest's capture
+    replace it), as logging's own last-resort handler does."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
-in_place_option = click.option("--in-place", is_flag=True, help="Overwrite MODEL.")
-shape_option = click.option(
-    "--shape", "shapes", multiple=True, help="Input shape for random data, NAME:1x3x8x8."
-)
-batch_size_option = click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Samples per batch (default 64)."
-)
-provider_option = click.option(
-    "--provider", default="cpu", show_default=True, help="Execution provider alias."
-)
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+class _Formatter(logging.Formatter):
+    """Warnings and errors as their bare message (the library's `note: ...` lines read as they
+    always did); INFO and DEBUG marked as such, -vv with the logger's name."""
+
+    def __init__(self, verbose: int) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return message
+        level = record.levelname.lower()
+        return f"{level}: {record.name}: {message}" if self.verbose > 1 else f"{level}: {message}"
 
 
-def parse_size(text: str) -> int:
-    """`2GB`, `512M`, `1.5GiB`, `1000000` to bytes (K/M/G/T are powers of 1024)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"--memory-budget '{text}': expected a size such as 2GB, 512MB or 0")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
+def configure_logging(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Send the `bnsurgery` logger's records to stderr at the level -v/-q ask for, for the run
+    of one command: the handler, level and propagation are restored when its context closes,
+    so a command run in-process (tests, notebooks) leaves logging as it found it."""
+    package = logging.getLogger("bnsurgery")
+    level = logging.ERROR if quiet else (
+        logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    )  # fmt: skip
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter(verbose))
+    saved = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False  # a root handler (another library's basicConfig) would repeat it
+
+    def restore() -> None:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+    ctx.call_on_close(restore)
 
 
-# -- output ------------------------------------------------------------------------------------
+# -- library errors in the command line's terms -------------------------------------------------
+# Parameters whose flag is not `--` + the name with `_` as `-`.
+OPTION_FLAGS: dict[str, str] = {
+    "shapes": "--shape",
+    "provider_options": "--provider-option",
+    "ep_libraries": "--ep-library",
+    "labels_key": "--labels",
+    "tensor_map": "--map",
+    "intra_op_threads": "--threads",
+}
+# A parameter that a command spells its own way: adapt re-estimates on --target and calibrates
+# the BNs it inserts on --source.
+COMMAND_FLAGS: dict[str, dict[str, str]] = {
+    "adapt": {"data": "--target", "calibrate": "--source"},
+}
 
 
-def emit(as_json: bool, payload: dict[str, Any], text: Callable[[], str]) -> None:
-    """Print the result: one JSON document, or the rendered text."""
-    if as_json:
-        click.echo(json.dumps(payload, indent=2, default=_json_default))
-    else:
-        click.echo(text())
+def flag_for(option: str, command: str | None = None) -> str:
+    """The flag through which COMMAND (or, without one, any command) sets the Python API's
+    parameter OPTION: `prior` -> `--prior`, `shapes` -> `--shape`."""
+    if command is not None and option in COMMAND_FLAGS.get(command, {}):
+        return COMMAND_FLAGS[command][option]
+    return OPTION_FLAGS.get(option, "--" + option.replace("_", "-"))
 
 
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def save_and_emit(
-    as_json: bool,
-    model: Any,
-    target: Path,
-    payload: dict[str, Any],
-    text: Callable[[], str],
-    **extra: Any,
-) -> None:
-    """The tail of a command that writes a model: save MODEL to TARGET, add "output" (then
-    EXTRA) to the payload and print it; the text ends with `wrote OUT`."""
-    from bnsurgery.onnxio import save_model
-
-    written = save_model(model, target)
-    payload["output"] = str(written)
-    payload.update(extra)
-    emit(as_json, payload, lambda: f"{text()}\nwrote {written}")
+def command_flags(command: str) -> set[str]:
+    """Every flag COMMAND accepts (its module is imported)."""
+    found = cli.get_command(click.Context(cli), command)
+    flags: set[str] = set()
+    for param in found.params if found is not None else ():
+        if isinstance(param, click.Option):
+            flags.update([*param.opts, *param.secondary_opts])
+    return flags
 
 
-def _quiet() -> bool:
-    ctx = click.get_current_context(silent=True)
-    state = ctx.find_root().obj if ctx is not None else None
-    return isinstance(state, State) and state.quiet
-
-
-def info(message: str) -> None:
-    """A progress or status line on stderr, unless --quiet."""
-    if not _quiet():
-        click.echo(message, err=True)
-
-
-def data_notes(source_description: str | None, notes: Sequence[str] = ()) -> None:
-    """Say on stderr when the data a command ran on is synthetic (random:N), and what reading
-    it noted (an array used under another name)."""
-    if source_description and source_description.startswith("random:"):
-        info(f"note: DATA is synthetic ({source_description})")
-    for note in notes:
-        info(f"note: {source_description}: {note}" if source_description else f"note: {note}")
-
-
-class ProgressBar:
-    """A click progress bar on stderr, only when stderr is a TTY and not --quiet; the engines
-    call it as progress(advance, total)."""
-
-    def __init__(self, label: str) -> None:
-        self.enabled = not _quiet() and sys.stderr.isatty()
-        self.label = label
-        self._bar: Any = None
-        self._total: int | None = None
-
-    def __call__(self, advance: int, total: int | None) -> None:
-        if not self.enabled or total is None:
-            return
-        if self._bar is not None and total != self._total:  # the next phase (adapt)
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self._bar.__enter__()
-            self._total = total
-        self._bar.update(advance)
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-            self._bar = None
+def error_message(exc: BnSurgeryError, command: str | None) -> str:
+    """A library error's message with its parameter spelled as the command's flag; under a
+    command without that flag (a pipeline's step options, say) as the parameter itself."""
+    if exc.option is None:
+        return str(exc)
+    flag = flag_for(exc.option, command)
+    if command is not None and flag not in command_flags(command):
+        return exc.render()
+    return exc.render(flag)
 
 
 GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose|-q|--quiet)$")
@@ -284,13 +274,14 @@ def hoist_global_flags(args: list[str]) -> tuple[list[str], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the documented exit code."""
     args, verbose = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    state = State(verbose)  # the group fills it in; it outlives the command's context
     try:
-        result = cli.main(args=args, standalone_mode=False)
+        result = cli.main(args=args, standalone_mode=False, obj=state)
         code = result if isinstance(result, int) else 0
     except BnSurgeryError as exc:
         if verbose > 1:
             _print_traceback()
-        click.echo(f"bnsurgery: error: {exc}", err=True)
+        click.echo(f"bnsurgery: error: {error_message(exc, state.command)}", err=True)
         code = exc.exit_code
     except click.exceptions.Exit as exc:
         code = int(exc.exit_code)
@@ -319,10 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_traceback() -> None:
     """-vv: the traceback of the error being handled, on stderr, above its one-line message."""
-    import traceback
-
     click.echo(traceback.format_exc().rstrip(), err=True)
 
 
 def run() -> None:
+    """The console script `bnsurgery`."""
     sys.exit(main())

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli.main import emit, json_option
+from bnsurgery import stats
+from bnsurgery.cli.options import json_option
+from bnsurgery.cli.render import emit
 from bnsurgery.errors import UsageError
 
 EXAMPLE = """\b
@@ -23,7 +25,7 @@ Example:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="The merged .npz."
 )
-@json_option
+@json_option()
 def merge_stats_command(files: tuple[Path, ...], output: Path, as_json: bool) -> None:
     """Merge BN statistics files exactly (Chan's formula, float64).
 
@@ -32,11 +34,9 @@ def merge_stats_command(files: tuple[Path, ...], output: Path, as_json: bool) ->
     later-wave BNs were measured after each shard's own updates upstream; see
     docs/reestimate.md for when that matters.
     """
-    from bnsurgery.stats import merge_files
-
     if any(Path(f).resolve() == output.resolve() for f in files):
         raise UsageError(f"output {output} is one of the inputs")
-    merged = merge_files(files)
+    merged = stats.merge_files(files)
     merged.save(output)
     payload = {
         "inputs": [str(f) for f in files],

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from bnsurgery.cli.main import emit, json_option
+from bnsurgery.cli.options import json_option
+from bnsurgery.cli.render import emit
 from bnsurgery.pipeline.plugins import PluginListing, list_plugins
 
 
@@ -40,7 +41,7 @@ def render_text(listing: PluginListing) -> str:
 
 
 @click.command("plugins")
-@json_option
+@json_option()
 def plugins_command(as_json: bool) -> None:
     """List passes (entry points `bnsurgery.passes`) and validate checks (`bnsurgery.checks`),
     built-in and from installed plugins; plugins that fail to load are listed with the error.

@@ -6,17 +6,17 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.main import emit, json_option
+from bnsurgery.cli.options import ep_library_option, json_option
+from bnsurgery.cli.render import emit
+from bnsurgery.errors import BnSurgeryError, EnvironmentProblem
+from bnsurgery.runtime import installation as runtime
+from bnsurgery.runtime.providers import ALIASES, alias_of
 
 SCHEMA = "bnsurgery.providers/1"
 
 
 def survey(ep_libraries: list[str]) -> dict[str, Any]:
     """Everything the command reports, as its JSON document."""
-    from bnsurgery.errors import BnSurgeryError
-    from bnsurgery.runtime import installation as runtime
-    from bnsurgery.runtime.providers import ALIASES, alias_of
-
     dists = runtime.flavours()
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -107,14 +107,8 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 @click.command("providers")
-@click.option(
-    "--ep-library",
-    "ep_libraries",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Also register this plugin execution provider library (repeatable).",
-)
-@json_option
+@ep_library_option("Also register this plugin execution provider library (repeatable).")
+@json_option()
 def providers_command(ep_libraries: tuple[str, ...], as_json: bool) -> None:
     """List the ONNX Runtime installed (and warn when two flavours collide), its execution
     providers, plugin EP libraries and their devices.
@@ -123,8 +117,6 @@ def providers_command(ep_libraries: tuple[str, ...], as_json: bool) -> None:
     Example:
       bnsurgery providers --json
     """
-    from bnsurgery.errors import EnvironmentProblem
-
     doc = survey(list(ep_libraries))
     emit(as_json, doc, lambda: render_text(doc))
     if doc["error"]:

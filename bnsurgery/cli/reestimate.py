@@ -10,45 +10,41 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.guarded import finish, guard_options
-from bnsurgery.cli.main import (
-    ProgressBar,
+from bnsurgery.cli.guarded import finish
+from bnsurgery.cli.options import (
     batch_size_option,
-    data_notes,
+    data_option,
+    guard_options,
     in_place_option,
     json_option,
+    measure_opt_level_option,
+    memory_budget_option,
+    mode_option,
+    nodes_option,
     output_option,
     parse_size,
+    prior_option,
     provider_option,
+    samples_option,
     shape_option,
+    source_option,
 )
 from bnsurgery.cli.output_path import resolve_output_path
+from bnsurgery.cli.render import ProgressBar, data_notes, table
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.errors import UsageError
-from bnsurgery.harness.render_text import text_table
 from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET
-from bnsurgery.measure.engine import MODES
-from bnsurgery.measure.feeds import MIN_SAMPLES
-from bnsurgery.measure.runner import MEASURE_OPT_LEVEL
+from bnsurgery.measure.ray import RayOptions, require_ray
 from bnsurgery.onnxio import load_model
 from bnsurgery.passes.adapt_auto import guarded
+from bnsurgery.passes.reestimate import ReestimatePass
 from bnsurgery.passes.source_relative import is_stats_file
-from bnsurgery.runtime.providers import OPT_LEVELS
 
 EXAMPLE = """\b
 Example:
   bnsurgery reestimate sample_models/digits_cnn.onnx --data sample_models/digits_test.npz \\
       -o digits_adapted.onnx --prior 16
 """
-
-# The level of the measuring sessions; shared by insert --calibrate and adapt.
-measure_opt_level_option = click.option(
-    "--opt-level",
-    type=click.Choice(list(OPT_LEVELS)),
-    default=MEASURE_OPT_LEVEL,
-    show_default=True,
-    help="ORT graph optimisation level of the measuring runs (what is measured is never fused).",
-)
 
 
 def _g(value: float) -> str:
@@ -68,7 +64,7 @@ def render_bns(bns: list[dict[str, Any]]) -> str:
                 f"{_g(b['var']['min_ratio'])}..{_g(b['var']['max_ratio'])}",
             )
         )
-    return "\n".join(text_table(rows, max_width=48))
+    return "\n".join(table(rows, max_width=48))
 
 
 def render_reestimate(payload: dict[str, Any]) -> str:
@@ -106,11 +102,10 @@ def render_reestimate(payload: dict[str, Any]) -> str:
 
 @click.command("reestimate", epilog=EXAMPLE)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", help="DATA to measure on: file.npz, file.npy, folder, script.py, random:N.")
-@click.option(
-    "--source",
-    help="Clean DATA of your own (or a statistics file with source moments): adapt by the "
-    "change from SOURCE to DATA instead of replacing the statistics.",
+@data_option("DATA to measure on: file.npz, file.npy, folder, script.py, random:N.")
+@source_option(
+    "Clean DATA of your own (or a statistics file with source moments): adapt by the "
+    "change from SOURCE to DATA instead of replacing the statistics."
 )
 @click.option(
     "--stats",
@@ -119,42 +114,22 @@ def render_reestimate(payload: dict[str, Any]) -> str:
     help="Apply saved statistics (from --save-stats or merge-stats) instead of measuring.",
 )
 @output_option("reestimated")
-@in_place_option
-@click.option(
-    "--mode",
-    type=click.Choice(MODES),
-    default="exact",
-    show_default=True,
-    help="exact: population statistics in inference mode, BN by BN in waves (AdaBN); "
-    "batch: one pass, every BN normalising with its batch statistics (like torch's update_bn).",
-)
-@click.option(
-    "--samples",
-    type=click.IntRange(min=MIN_SAMPLES),
-    help="Use at most N samples of DATA (a variance needs at least 2).",
-)
-@batch_size_option
-@click.option(
-    "--prior",
-    type=click.FloatRange(min=0),
-    help="Blend with the model's statistics: lambda = N / (N + samples) (Schneider et al.).",
-)
-@click.option("--nodes", help="Only BNs whose name matches this regular expression.")
-@click.option(
-    "--memory-budget",
-    default="2GB",
-    show_default=True,
-    help="Bytes of cached activations between waves (exact mode); past it, recompute.",
-)
+@in_place_option()
+@mode_option()
+@samples_option()
+@batch_size_option()
+@prior_option()
+@nodes_option()
+@memory_budget_option()
 @click.option(
     "--save-stats",
     type=click.Path(path_type=Path),
     help="Also write the measured statistics (.npz) for merge-stats.",
 )
 @guard_options
-@shape_option
-@provider_option
-@measure_opt_level_option
+@shape_option()
+@provider_option()
+@measure_opt_level_option()
 @click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
@@ -169,7 +144,7 @@ def render_reestimate(payload: dict[str, Any]) -> str:
     type=click.IntRange(min=1),
     help="--engine ray: how many workers (default: one per CPU of the cluster).",
 )
-@json_option
+@json_option()
 def reestimate_command(
     model: Path,
     data: str | None,
@@ -201,8 +176,6 @@ def reestimate_command(
     its new statistics; independent BNs share a pass. The stored var is the population
     (biased) variance. See docs/reestimate.md.
     """
-    from bnsurgery.passes.reestimate import ReestimatePass
-
     if data is None and stats_path is None:
         raise UsageError("give --data DATA to measure on, or --stats FILE to apply")
     if data is not None and stats_path is not None:
@@ -293,8 +266,6 @@ def _ray_options(engine: str, address: str | None, workers: int | None, data: st
         if address is not None or workers is not None:
             raise UsageError("--address and --workers need --engine ray")
         return None
-    from bnsurgery.measure.ray import RayOptions, require_ray
-
     require_ray()
     if data is None:
         raise UsageError("--engine ray measures on --data shards; it does not apply --stats")

@@ -8,8 +8,14 @@ from typing import Any
 
 import click
 
-from bnsurgery.cli.main import emit, in_place_option, json_option, output_option
+from bnsurgery.cli.options import (
+    external_data_option,
+    in_place_option,
+    json_option,
+    output_option,
+)
 from bnsurgery.cli.output_path import resolve_output_path
+from bnsurgery.cli.render import emit
 from bnsurgery.errors import CheckFailed, UsageError
 from bnsurgery.onnxio import save_model
 from bnsurgery.passes import PipelineReport
@@ -89,9 +95,9 @@ def check_argument_order(pipeline: Path, model: Path) -> None:
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
 @output_option("pipeline")
-@in_place_option
-@click.option("--external-data", is_flag=True, help="Save weights to <OUT>.data beside OUT.")
-@json_option
+@in_place_option()
+@external_data_option()
+@json_option()
 def run_command(
     pipeline: Path,
     model: Path,

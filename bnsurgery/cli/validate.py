@@ -8,7 +8,18 @@ from pathlib import Path
 
 import click
 
-from bnsurgery.cli.main import State, emit, json_option, shape_option
+from bnsurgery.cli.main import flag_for
+from bnsurgery.cli.options import (
+    allow_fallback_option,
+    data_option,
+    ep_library_option,
+    json_option,
+    provider_options_option,
+    providers_option,
+    seed_option,
+    shape_option,
+)
+from bnsurgery.cli.render import emit, verbosity
 from bnsurgery.data import parse_shape_overrides
 from bnsurgery.validation.checks import builtin_checks
 from bnsurgery.validation.gate import FAIL_ON, ValidationReport, validate
@@ -46,7 +57,7 @@ def render_text(report: ValidationReport, *, verbose: bool) -> str:
     for note in report.notes:
         lines.append(f"note: {note}")
     lines.append("")
-    lines.append(report.summary())
+    lines.append(report.summary(option=flag_for("fail_on")))
     return "\n".join(lines)
 
 
@@ -60,32 +71,15 @@ def _check_ids_epilog() -> str:
 
 @click.command("validate", epilog=_check_ids_epilog())
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", help="DATA for fold verification and parity (default random:4, seed 0).")
-@click.option(
-    "--providers",
-    default="cpu",
-    show_default=True,
-    help="Execution providers whose parity with the CPU reference is checked, e.g. cpu,cuda.",
+@data_option("DATA for fold verification and parity (default random:4, seed 0).")
+@providers_option(
+    "Execution providers whose parity with the CPU reference is checked, e.g. cpu,cuda."
 )
-@click.option(
-    "--ep-library",
-    "ep_libraries",
-    multiple=True,
-    metavar="NAME=PATH",
-    help="Register a plugin execution provider library (repeatable).",
-)
-@click.option(
-    "--provider-option",
-    "provider_options",
-    multiple=True,
-    metavar="EP:KEY=VALUE",
-    help="An option of one provider (repeatable), e.g. openvino:precision=FP32.",
-)
-@click.option(
-    "--allow-fallback",
-    is_flag=True,
-    help="Check parity even where a provider is unavailable or leaves nodes to another "
-    "(stated loudly) instead of exit 3.",
+@ep_library_option()
+@provider_options_option()
+@allow_fallback_option(
+    "Check parity even where a provider is unavailable or leaves nodes to another "
+    "(stated loudly) instead of exit 3."
 )
 @click.option(
     "--fail-on",
@@ -101,15 +95,11 @@ def _check_ids_epilog() -> str:
     metavar="CHECK",
     help="Leave a check out (repeatable): a check id listed below, or a plugin check's name.",
 )
-@shape_option
-@click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of random data."
-)
+@shape_option()
+@seed_option("Seed of random data.")
 @click.option("--no-plugins", is_flag=True, help="Run only the built-in checks.")
-@json_option
-@click.pass_context
+@json_option()
 def validate_command(
-    ctx: click.Context,
     model: Path,
     data: str | None,
     providers: str,
@@ -146,7 +136,5 @@ def validate_command(
         ep_libraries=list(ep_libraries),
         allow_fallback=allow_fallback,
     )
-    state = ctx.find_root().obj
-    verbose = isinstance(state, State) and state.verbose > 0
-    emit(as_json, report.to_dict(), lambda: render_text(report, verbose=verbose))
+    emit(as_json, report.to_dict(), lambda: render_text(report, verbose=verbosity() > 0))
     report.raise_for_findings()

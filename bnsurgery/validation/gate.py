@@ -14,6 +14,7 @@ naming it; the others still run. Bad input (unreadable model, bad DATA) raises B
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # `import bnsurgery` imports this module: it stays light (no 
     import onnx
 
     from bnsurgery.validation.checks.context import ValidationContext
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "bnsurgery.validate/1"
 FAIL_ON = ("error", "warning")
@@ -66,8 +69,8 @@ class CheckRun:
 class ValidationFailed(CheckFailed):
     """Findings at or above `fail_on` (exit 1); carries the report."""
 
-    def __init__(self, message: str, report: ValidationReport) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, report: ValidationReport, *, option: str | None = None):
+        super().__init__(message, option=option)
         self.report = report
 
 
@@ -105,11 +108,16 @@ class ValidationReport:
     def by_id(self, finding_id: str) -> list[Finding]:
         return [f for f in self.findings if f.id == finding_id]
 
-    def summary(self, fail_on: str | None = None) -> str:
+    def summary(self, fail_on: str | None = None, *, option: str = "fail_on") -> str:
+        """The verdict and the counts in one line; the threshold is named as OPTION (the CLI
+        says `--fail-on`): "validation passed (fail_on error): 0 error(s), ..."."""
+        return self._summary(fail_on).replace("{option}", option)
+
+    def _summary(self, fail_on: str | None) -> str:
         counts = self.counts()
         verdict = "FAILED" if self.failing(fail_on) else "passed"
         return (
-            f"validation {verdict} (--fail-on {fail_on or self.fail_on}): "
+            f"validation {verdict} ({{option}} {fail_on or self.fail_on}): "
             f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"
         )
 
@@ -119,7 +127,9 @@ class ValidationReport:
         if failing:
             listed = "; ".join(_short(f) for f in failing[:5])
             more = f" and {len(failing) - 5} more" if len(failing) > 5 else ""
-            raise ValidationFailed(f"{self.summary(fail_on)}: {listed}{more}", self)
+            raise ValidationFailed(
+                f"{self._summary(fail_on)}: {listed}{more}", self, option="fail_on"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +165,9 @@ def _ordered(findings: list[Finding]) -> list[Finding]:
 
 def _fail_on(value: str) -> str:
     if value not in FAIL_ON:
-        raise BadInputError(f"--fail-on must be one of {', '.join(FAIL_ON)}, got '{value}'")
+        raise BadInputError(
+            f"{{option}} must be one of {', '.join(FAIL_ON)}, got '{value}'", option="fail_on"
+        )
     return value
 
 
@@ -288,7 +300,9 @@ def validate(
     options_by_provider = parse_provider_options(provider_options)
     if parity_opt_level not in OPT_LEVELS:
         raise BadInputError(
-            f"unknown optimisation level '{parity_opt_level}' (known: {', '.join(OPT_LEVELS)})"
+            f"{{option}}: unknown optimisation level '{parity_opt_level}' "
+            f"(known: {', '.join(OPT_LEVELS)})",
+            option="parity_opt_level",
         )
     if not allow_fallback:
         _require_providers(aliases)
@@ -307,9 +321,17 @@ def validate(
     if plugins:
         runnables += _plugin_checks(crashes, {r.name for r in runnables}, plugin_notes)
     known = {r.name for r in runnables} | {c.check for c in crashes}
-    for name in [*skip, *(only or ())]:
+    listed = ", ".join(sorted(known))
+    for name in skip:
         if name not in known:
-            raise BadInputError(f"unknown check '{name}' (known: {', '.join(sorted(known))})")
+            raise BadInputError(
+                f"unknown check '{name}' in {{option}} (known: {listed})", option="skip"
+            )
+    for name in only or ():
+        if name not in known:
+            raise BadInputError(
+                f"unknown check '{name}' in {{option}} (known: {listed})", option="only"
+            )
     skipped = set(skip)
     if only is not None:
         skipped |= known - set(only)
@@ -324,6 +346,7 @@ def validate(
     report.findings.extend(f for f in crashes if f.check not in skipped)
     for runnable in runnables:
         if runnable.name in skipped:
+            logger.debug("check %s: skipped (asked)", runnable.name)
             report.checks.append(CheckRun(runnable.name, runnable.source, "skipped", note="--skip"))
             continue
         report.checks.append(_run_one(runnable, ctx, report.findings))
@@ -362,9 +385,12 @@ def _run_one(runnable: _Runnable, ctx: ValidationContext, findings: list[Finding
         note = _describe(crash)
         produced.append(crash_finding(runnable.name, runnable.source, note))
     findings.extend(produced)
-    return CheckRun(
-        runnable.name, runnable.source, status, len(produced), time.perf_counter() - start, note
-    )
+    seconds = time.perf_counter() - start
+    logger.info(
+        "check %s: %s, %d finding(s) in %.3f s%s", runnable.name, status, len(produced), seconds,
+        f" ({note})" if note else "",
+    )  # fmt: skip
+    return CheckRun(runnable.name, runnable.source, status, len(produced), seconds, note)
 
 
 @register("validate")

@@ -9,7 +9,7 @@ revisited until nothing changes, so a chain BN -> BN -> Conv folds completely wh
 order.
 
 Verification is the pass's postcondition (`ensures`): with verify=True the original and the
-folded model run on ONNX Runtime (passes.verify, the one judge) and VerificationFailed is
+folded model run on ONNX Runtime (passes.fold.verify, the one judge) and VerificationFailed is
 raised beyond the judge's limit, carrying the rejected result.
 """
 
@@ -64,7 +64,7 @@ class FoldPass(PassBase):
     output deviates beyond 8x the original's rounding noise. An in-place fold has no original
     left to compare with, so it needs `source`, which is loaded again for the comparison (a
     path, bytes, or anything bnsurgery.load_model reads). samples, seed, shapes, data, atol,
-    rtol and label are the judge's options (passes.verify.verify_fold); left None, the judge's
+    rtol and label are the judge's options (passes.fold.verify.verify_fold); left None, the judge's
     defaults apply.
     """
 
