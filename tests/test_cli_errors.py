@@ -16,11 +16,17 @@ import bnsurgery
 from bnsurgery.cli.main import COMMAND_FLAGS, COMMANDS, OPTION_FLAGS, command_flags, error_message
 from bnsurgery.cli.main import flag_for as cli_flag_for
 from bnsurgery.errors import BadInputError
+from bnsurgery.passes.reestimate import ReestimatePass
 from bnsurgery.validation.gate import validate
 
 CNN = SAMPLES / "digits_cnn.onnx"
 # Parameters no command exposes, each with the public function that takes it.
-API_ONLY = {"only": validate, "parity_opt_level": validate}
+API_ONLY = {
+    "only": validate,
+    "parity_opt_level": validate,
+    "batch_form": ReestimatePass,
+    "cache_planner": ReestimatePass,
+}
 OPTION_LITERAL = re.compile(r"""\boption=["']([A-Za-z_][A-Za-z0-9_]*)["']""")
 
 

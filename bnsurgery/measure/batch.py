@@ -52,9 +52,8 @@ def measure_batch_mode(
 ) -> dict[str, Moments]:
     """One pass with every target BN in batch-statistics mode; pooled moments per BN."""
     if form not in BATCH_FORMS:
-        raise UsageError(
-            f"unknown batch form '{form}' (expected {' or '.join(BATCH_FORMS)})", option="form"
-        )
+        expected = " or ".join(BATCH_FORMS)
+        raise UsageError(f"unknown batch form '{form}' (expected {expected})", option="batch_form")
     clock = time.perf_counter()
     stats = stats if stats is not None else RunStats()
     plan = Plan.build(model, targets, single_wave=True)
