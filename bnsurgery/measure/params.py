@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from bnsurgery.errors import DataError
 from bnsurgery.measure.targets import BnTarget
+from bnsurgery.model.edit import add_initializer, remove_initializers
 from bnsurgery.model.graph import NameGenerator, iter_scopes, node_inputs_with_implicit
 from bnsurgery.stats import Moments
 
@@ -53,7 +54,7 @@ class ParamWriter:
             np_dtype = helper.tensor_dtype_to_np_dtype(target.dtypes[slot - 1])
             shape = tuple(self._inits[name].dims) if name in self._inits else value.shape
             tensor = numpy_helper.from_array(value.astype(np_dtype).reshape(shape), new_name)
-            add_initializer(self.model, tensor)
+            add_initializer(self.model.graph, tensor, ir_version=self.model.ir_version)
             self._inits[new_name] = self.model.graph.initializer[-1]
             self._users[name] = self._users.get(name, 1) - 1
             self._users[new_name] = 1
@@ -88,12 +89,7 @@ class ParamWriter:
         dead -= {o.name for o in graph.output}
         if not dead:
             return
-        keep = [t for t in graph.initializer if t.name not in dead]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        inputs = [v for v in graph.input if v.name not in dead]
-        del graph.input[:]
-        graph.input.extend(inputs)
+        remove_initializers(graph, dead)
         nodes = [
             n
             for n in graph.node
@@ -116,15 +112,6 @@ def checked_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if not np.isfinite(cast.astype(np.float64)).all() or (np.abs(value) > limit).any():
         return None
     return cast
-
-
-def add_initializer(model: onnx.ModelProto, tensor: onnx.TensorProto) -> None:
-    """Append an initializer; IR < 4 also wants it listed among the graph inputs."""
-    model.graph.initializer.append(tensor)
-    if model.ir_version < 4:
-        model.graph.input.append(
-            helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-        )
 
 
 def blend(

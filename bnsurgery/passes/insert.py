@@ -38,11 +38,12 @@ from onnx import helper, numpy_helper
 from bnsurgery.errors import BadInputError, UsageError
 from bnsurgery.measure.exact import measure_waves
 from bnsurgery.measure.feeds import check_samples, open_data
-from bnsurgery.measure.params import ParamWriter, add_initializer
+from bnsurgery.measure.params import ParamWriter
 from bnsurgery.measure.report import BnChange, ReestimateReport
 from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, Runner
 from bnsurgery.measure.targets import compile_nodes, find_batchnorms
 from bnsurgery.model.bn import DEFAULT_EPSILON, FLOAT_TYPES
+from bnsurgery.model.edit import add_initializer
 from bnsurgery.model.graph import GraphIndex, NameGenerator, iter_scopes
 from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.stats import StatsSet
@@ -252,7 +253,11 @@ class InsertPass(PassBase):
             param_names = []
             for label, value in values.items():
                 pname = names(f"{bn_name}.{label}")
-                add_initializer(model, numpy_helper.from_array(value.astype(np_dtype), pname))
+                add_initializer(
+                    model.graph,
+                    numpy_helper.from_array(value.astype(np_dtype), pname),
+                    ir_version=model.ir_version,
+                )
                 param_names.append(pname)
             attrs: dict[str, Any] = {"epsilon": self.epsilon}
             if opset < 7:
