@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnsurgery.errors import first_line
 from bnsurgery.harness.fp16 import convert_to_float16
 from bnsurgery.harness.metrics import (
     DEFAULT_TOLERANCES,
@@ -309,7 +310,7 @@ def run_stability(
             fp16_runners[label].activate()
             fp16_ref_runners[label] = Runner(model, first, extra_outputs=tensors)
         except Exception as exc:  # the report says why fp16 could not run, the rest goes on
-            result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            result.error = f"{type(exc).__name__}: {first_line(exc)}"
             fp16_runners.pop(label, None)
 
     output_name = {label: model.graph.output[0].name for label, model in models}

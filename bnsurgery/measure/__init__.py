@@ -10,7 +10,7 @@ One job per module, in the order a measurement uses them:
 - cache: exact mode's stage-boundary tensors within a budget, its planner injected;
 - exact, batch: the two engines; engine: one call for either;
 - params: writing the new statistics into the model; report: what was done;
-- memory: keeping the process's memory bounded; ray, ray_worker: the engine on a Ray cluster.
+- ray, ray_worker: the engine on a Ray cluster.
 
 Nothing here imports bnsurgery.passes: what is written into each BN between waves is the
 caller's `on_wave`.

@@ -4,6 +4,16 @@ Each wave (exact mode) or the one pass (batch mode) is a sub-model of the model 
 probes' outputs added; the Runner opens a session for it with the measuring settings
 (priority-based order, no memory pattern, optionally one shared CPU arena) on top of
 bnsurgery.runtime, and `run_batch` runs one batch of it. `RunStats` counts what the runs cost.
+
+Memory, beyond a plain forward pass over the same data (docs/benchmarks.md, section 4):
+- ONNX Runtime's memory pattern plans one block for a whole run once it has seen the first,
+  while the first run's chunks stay in the arena: every activation was held twice, so the
+  measuring sessions run without it;
+- building a session serialises its sub-model (a copy of the weights), and protobuf frees the
+  sub-model's buffers to glibc's heap, which keeps them: the free heap pages are handed back
+  once a session exists (runtime.isolation.release_free_heap);
+- exact mode's wave cache holds stage-boundary activations within `memory_budget`
+  (measure.cache).
 """
 
 from __future__ import annotations
@@ -20,9 +30,9 @@ import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError, BnSurgeryError, DataError, first_line
-from bnsurgery.measure.memory import release_free_heap
 from bnsurgery.onnxio import serialize_if_small
 from bnsurgery.runtime.arena import shared_cpu_arena
+from bnsurgery.runtime.isolation import release_free_heap
 from bnsurgery.runtime.providers import ProviderConfig, create_session, resolve_alias
 
 logger = logging.getLogger(__name__)

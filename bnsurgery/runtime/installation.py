@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bnsurgery.errors import BadInputError, EnvironmentProblem
+from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line
 
 INSTALL_LINE = (
     "install one ONNX Runtime: pip install 'bnsurgery[cpu]' (onnxruntime), 'bnsurgery[gpu]' "
@@ -287,5 +287,4 @@ def register_package_for(ep_name: str) -> Library | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc) or type(exc).__name__
