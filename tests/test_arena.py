@@ -12,7 +12,7 @@ import pytest
 from models import make, vi
 from onnx import helper
 
-from bnsurgery.measure.runner import Runner
+from bnsurgery.measure.runner import MeasureRunner
 from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.runtime import arena
 from bnsurgery.runtime.providers import ProviderConfig, session_options
@@ -45,15 +45,15 @@ def test_the_session_option_is_set_only_when_asked():
 
 
 def test_sessions_share_the_arena_only_within_the_runner_scope():
-    runner = Runner("cpu")
+    runner = MeasureRunner("cpu")
     runner.session(_relu_model())
     assert runner.session_info["shared_cpu_arena"] is False
     with runner.scope():
         runner.session_info = None
         runner.session(_relu_model())
         assert runner.session_info["shared_cpu_arena"] is True
-    assert Runner("cpu", shared_arena=False).uses_shared_arena is False
-    assert Runner("cuda").uses_shared_arena is False  # measured on the CPU EP only
+    assert MeasureRunner("cpu", shared_arena=False).uses_shared_arena is False
+    assert MeasureRunner("cuda").uses_shared_arena is False  # measured on the CPU EP only
 
 
 def test_the_arena_is_registered_once_per_process(monkeypatch):

@@ -19,7 +19,7 @@ from bnsurgery.errors import BadInputError, DataError, UsageError
 from bnsurgery.measure.batch import measure_batch_mode
 from bnsurgery.measure.cache import GreedyPlanner
 from bnsurgery.measure.feeds import open_data
-from bnsurgery.measure.runner import Runner
+from bnsurgery.measure.runner import MeasureRunner
 from bnsurgery.measure.targets import find_batchnorms
 from bnsurgery.passes.reestimate import reestimate
 from bnsurgery.stats import StatsSet, relative_error
@@ -70,15 +70,15 @@ def test_batch_mode_matches_batch_statistics_forward_with_pooled_moments(net, im
 
 
 def _session_models(monkeypatch) -> list[onnx.ModelProto]:
-    """Every model a Runner opens a session for, from now on."""
+    """Every model a MeasureRunner opens a session for, from now on."""
     seen: list[onnx.ModelProto] = []
-    original = Runner.session
+    original = MeasureRunner.session
 
     def record(self, model):
         seen.append(model)
         return original(self, model)
 
-    monkeypatch.setattr(Runner, "session", record)
+    monkeypatch.setattr(MeasureRunner, "session", record)
     return seen
 
 
@@ -117,19 +117,19 @@ def test_batch_mode_forms_agree_on_the_sample_resnet():
         assert relative_error(one_node.entries[name].var, m.var) < 2 * TOL, name
 
 
-class _OffTheCpu(Runner):
+class _OffTheCpu(MeasureRunner):
     """A runner for an EP on which training-mode BN is not known to run (it runs on the CPU)."""
 
     runs_training_mode_bn = False
 
 
 def test_training_mode_bn_is_only_used_on_the_cpu_ep():
-    assert Runner("cpu").runs_training_mode_bn
-    assert not Runner("cuda").runs_training_mode_bn
-    assert not Runner("dml").runs_training_mode_bn
+    assert MeasureRunner("cpu").runs_training_mode_bn
+    assert not MeasureRunner("cuda").runs_training_mode_bn
+    assert not MeasureRunner("dml").runs_training_mode_bn
 
 
-@pytest.mark.parametrize("runner, form", [(_OffTheCpu(), "auto"), (Runner(), "centred")])
+@pytest.mark.parametrize("runner, form", [(_OffTheCpu(), "auto"), (MeasureRunner(), "centred")])
 def test_batch_mode_off_the_cpu_or_centred_uses_plain_ops(net, images, monkeypatch, runner, form):
     """Training-mode BN is only known to run on the CPU EP: elsewhere, the centred rewrite."""
     sessions = _session_models(monkeypatch)
@@ -785,10 +785,9 @@ def test_sub_models_past_the_protobuf_limit_go_through_external_data(net, images
         bnsurgery.onnxio.load, "EXTERNAL_DATA_THRESHOLD", 256
     )  # every part is "large"
     via_file = []
-    from_file = Runner.session_from_file
-    monkeypatch.setattr(
-        Runner, "session_from_file", staticmethod(lambda *a: via_file.append(1) or from_file(*a))
-    )
+    from_file = MeasureRunner.session_from_file
+    counted = staticmethod(lambda *a: via_file.append(1) or from_file(*a))
+    monkeypatch.setattr(MeasureRunner, "session_from_file", counted)
     got = reestimate(net, {"x": images}, batch_size=16).report.stats
     assert len(via_file) == 4  # one per wave
     for name, m in want.entries.items():

@@ -29,7 +29,7 @@ from bnsurgery.measure.probes import (
     tensor_types,
     training_mode_rewrite,
 )
-from bnsurgery.measure.runner import Runner, RunStats, run_batch
+from bnsurgery.measure.runner import MeasureRunner, RunStats, run_batch
 from bnsurgery.measure.targets import BnTarget
 from bnsurgery.model.graph import NameGenerator, default_opset, node_inputs_with_implicit
 from bnsurgery.stats import Moments
@@ -45,7 +45,7 @@ def measure_batch_mode(
     targets: list[BnTarget],
     feeds: Feeds,
     *,
-    runner: Runner,
+    runner: MeasureRunner,
     form: str = "auto",
     progress: Progress | None = None,
     stats: RunStats | None = None,

@@ -18,7 +18,7 @@ from bnsurgery.measure.batch import measure_batch_mode
 from bnsurgery.measure.cache import DEFAULT_MEMORY_BUDGET, CachePlanner
 from bnsurgery.measure.exact import OnWave, measure_waves
 from bnsurgery.measure.feeds import Feeds, Progress
-from bnsurgery.measure.runner import Runner, RunStats
+from bnsurgery.measure.runner import MeasureRunner, RunStats
 from bnsurgery.measure.targets import BnTarget
 from bnsurgery.stats import Moments
 
@@ -32,7 +32,7 @@ def measure(
     on_wave: OnWave,
     *,
     mode: str,
-    runner: Runner,
+    runner: MeasureRunner,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     planner: CachePlanner | None = None,
     batch_form: str = "auto",

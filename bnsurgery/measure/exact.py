@@ -29,7 +29,7 @@ from bnsurgery.measure.probes import (
     tensor_types,
     value_info,
 )
-from bnsurgery.measure.runner import Runner, RunStats, run_batch
+from bnsurgery.measure.runner import MeasureRunner, RunStats, run_batch
 from bnsurgery.measure.targets import BnTarget
 from bnsurgery.model.graph import NameGenerator, default_opset
 from bnsurgery.stats import Moments
@@ -45,7 +45,7 @@ def measure_waves(
     feeds: Feeds,
     on_wave: OnWave,
     *,
-    runner: Runner,
+    runner: MeasureRunner,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     planner: CachePlanner | None = None,
     single_wave: bool = False,

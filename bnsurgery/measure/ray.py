@@ -23,6 +23,9 @@ retries the run fails with one line (exit 3); nothing is written from partial st
 `measure_on_ray(model, targets, data, on_wave, ...)` is the one call an engine user needs:
 the input statistics of these BNs on this data, wave by wave, with whatever `on_wave` writes
 into `model` between the waves.
+
+(A little over 500 lines, on purpose: the wave loop, the shard assignment and the replacement
+of dead workers share one driver state, and a worker can die in any of them.)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import onnx
 from bnsurgery.errors import BadInputError, DataError, EnvironmentProblem, first_line
 from bnsurgery.measure.plan import Plan
 from bnsurgery.measure.ray_worker import Shard, ShardWorker, WaveResult, read_params
-from bnsurgery.measure.runner import Runner
+from bnsurgery.measure.runner import MeasureRunner
 from bnsurgery.measure.targets import BnTarget
 from bnsurgery.stats import Moments, merge_all
 
@@ -407,7 +410,7 @@ def measure_on_ray(
     samples: int | None,
     memory_budget: int,
     nodes: str | Sequence[str] | None,
-    runner: Runner,
+    runner: MeasureRunner,
     options: RayOptions,
 ) -> RayRun:
     """Measure the input statistics of `targets` on `data` on Ray, wave by wave in exact mode

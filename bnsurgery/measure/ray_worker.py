@@ -33,7 +33,7 @@ from bnsurgery.errors import BnSurgeryError, DataError
 from bnsurgery.measure.batch import measure_batch_mode
 from bnsurgery.measure.exact import measure_waves
 from bnsurgery.measure.feeds import Feeds
-from bnsurgery.measure.runner import Runner, RunStats
+from bnsurgery.measure.runner import MeasureRunner, RunStats
 from bnsurgery.measure.targets import BnTarget, find_batchnorms
 from bnsurgery.stats import Moments
 
@@ -125,9 +125,9 @@ class ShardWorker:
         targets, _ = find_batchnorms(self.model, self.options.get("nodes"))
         return targets
 
-    def _runner(self) -> Runner:
+    def _runner(self) -> MeasureRunner:
         o = self.options
-        return Runner(o["provider"], o["opt_level"], o["threads"], o["shared_arena"])
+        return MeasureRunner(o["provider"], o["opt_level"], o["threads"], o["shared_arena"])
 
     def _feeds(self, shards: Sequence[Shard], samples: int | None) -> Feeds:
         return Feeds(shard_source(self.model, shards, self.options["batch_size"]), samples)

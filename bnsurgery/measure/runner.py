@@ -1,7 +1,7 @@
 """The measuring runner: ONNX Runtime sessions for the sub-models the engines build.
 
 Each wave (exact mode) or the one pass (batch mode) is a sub-model of the model with its
-probes' outputs added; the Runner opens a session for it with the measuring settings
+probes' outputs added; the MeasureRunner opens a session for it with the measuring settings
 (priority-based order, no memory pattern, optionally one shared CPU arena) on top of
 bnsurgery.runtime, and `run_batch` runs one batch of it. `RunStats` counts what the runs cost.
 
@@ -64,7 +64,7 @@ class RunStats:
         }
 
 
-class Runner:
+class MeasureRunner:
     """Opens ONNX Runtime sessions for the sub-models of one measurement."""
 
     def __init__(

@@ -40,7 +40,7 @@ from bnsurgery.measure.exact import measure_waves
 from bnsurgery.measure.feeds import check_samples, open_data
 from bnsurgery.measure.params import ParamWriter
 from bnsurgery.measure.report import BnChange, ReestimateReport
-from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, Runner
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, MeasureRunner
 from bnsurgery.measure.targets import compile_nodes, find_batchnorms
 from bnsurgery.model.bn import DEFAULT_EPSILON, FLOAT_TYPES
 from bnsurgery.model.edit import add_initializer
@@ -406,7 +406,7 @@ def calibrate_inserted(
             writer.write(t, 3, m.mean)
             writer.write(t, 4, var)
 
-    runner = Runner(provider, opt_level)
+    runner = MeasureRunner(provider, opt_level)
     measured = measure_waves(
         model,
         targets,

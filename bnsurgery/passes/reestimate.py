@@ -33,7 +33,7 @@ from bnsurgery.measure.feeds import (
 from bnsurgery.measure.params import ParamWriter, blend
 from bnsurgery.measure.ray import RayOptions, describe_data, measure_on_ray
 from bnsurgery.measure.report import BnChange, ReestimateReport
-from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, Runner
+from bnsurgery.measure.runner import MEASURE_OPT_LEVEL, MeasureRunner
 from bnsurgery.measure.targets import BnTarget, find_batchnorms
 from bnsurgery.passes import PassBase, PassResult, register
 from bnsurgery.passes.source_relative import compose, resolve_source, source_summary
@@ -113,7 +113,7 @@ class ReestimatePass(PassBase):
         self.engine, self.ray_options = engine, ray_options
         self.cache_planner, self.batch_form = cache_planner, batch_form
         self.source = source  # DATA, a StatsSet or a statistics file: source-relative
-        self.runner = Runner(provider, opt_level, threads, shared_arena)
+        self.runner = MeasureRunner(provider, opt_level, threads, shared_arena)
         self._source: StatsSet | None = None  # the source moments, once known
         self._source_description: str | None = None
         self._written: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}

@@ -40,7 +40,7 @@ import onnx
 from bnsurgery.errors import DataError, UsageError
 from bnsurgery.measure.engine import measure
 from bnsurgery.measure.feeds import Feeds, check_samples, open_data
-from bnsurgery.measure.runner import Runner, RunStats
+from bnsurgery.measure.runner import MeasureRunner, RunStats
 from bnsurgery.measure.targets import BnTarget
 from bnsurgery.stats import FORMAT, Moments, StatsSet
 
@@ -134,7 +134,7 @@ def measure_source(
     targets: list[BnTarget],
     feeds: Feeds,
     mode: str,
-    runner: Runner,
+    runner: MeasureRunner,
     memory_budget: int,
 ) -> tuple[StatsSet, RunStats]:
     """Every target BN's input moments on SOURCE, with the model as it is: one pass (exact
