@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -38,7 +40,7 @@ from bnsurgery.harness.results import LayerRecord, LayerwiseResult, PairResult
 from bnsurgery.harness.runner import Lineup, release_memory, run_one_at_a_time, run_side_by_side
 from bnsurgery.harness.stability import run_stability
 from bnsurgery.harness.tolerances import ToleranceSpec
-from bnsurgery.onnxio import is_lazy, load_model, materialize
+from bnsurgery.onnxio import is_lazy, load_model, materialize, save_model
 from bnsurgery.runtime.isolation import run_isolated
 from bnsurgery.runtime.providers import (
     ProviderConfig,
@@ -130,10 +132,15 @@ def compare(
     ref_model = load_model(reference, external_data="lazy")
     cand_model = load_model(candidate, external_data="lazy") if candidate is not None else None
     what = _label(reference) + (f" and {_label(candidate)}" if candidate is not None else "")
+    files = {
+        role: Path(source)
+        for role, source in (("reference", reference), ("candidate", candidate))
+        if isinstance(source, str | os.PathLike)
+    }
     return run_isolated(
         compare_models, ref_model, cand_model, what=what, reference_label=_label(reference),
         candidate_label=_label(candidate) if candidate is not None else None,
-        providers=providers, data=data, **options,
+        providers=providers, data=data, model_files=files, **options,
     )  # fmt: skip
 
 
@@ -166,11 +173,17 @@ def compare_models(
     seed: int = 0,
     show_progress: bool | None = None,
     engine: str = "onnxruntime",
+    model_files: Mapping[str, Path] | None = None,
 ) -> CompareReport:
     """compare() on models already loaded, in this process (what fold's verification runs).
 
     engine: "onnxruntime", or "reference" (onnx.reference, the judge's fallback for kernels
-    ONNX Runtime lacks: one provider, no stability; its session says `onnx.reference`)."""
+    ONNX Runtime lacks: one provider, no stability; its session says `onnx.reference`).
+    model_files: {"reference" | "candidate": the file the model was loaded from}. An output
+    comparison on ONNX Runtime then makes that model's sessions from the file: ONNX Runtime
+    reads it itself, and no serialized copy of its weights is made in this process (on
+    ResNet-50 that copy was the peak of the comparison's memory). Loading only ever normalises
+    what ONNX Runtime accepts as it is (onnxio.compat), so the file computes the same."""
     if engine not in ENGINES:
         raise BadInputError(
             f"unknown engine '{engine}' (known: {', '.join(ENGINES)})", option="engine"
@@ -246,11 +259,18 @@ def compare_models(
         [matched for matched, _ in layer_matches],
     )  # fmt: skip
     make = ENGINES[engine]
+    # a layer-wise run adds outputs to the model, which needs it in memory
+    files = dict(model_files or {}) if engine == "onnxruntime" and not layer_matches else {}
+
+    def runnable(role: str, model: onnx.ModelProto) -> Any:
+        return str(files[role]) if role in files else model
+
     lineup = Lineup(
-        reference=make(ref_model, ref_config, label="reference"),
-        pairs=[make(m, cfg, label=f"{role}@{cfg.alias}") for role, m, cfg in pair_specs],
+        reference=make(runnable("reference", ref_model), ref_config, label="reference"),
+        pairs=[make(runnable(role, m), cfg, label=f"{role}@{cfg.alias}")
+               for role, m, cfg in pair_specs],
         output_names=output_names,
-    )
+    )  # fmt: skip
     record = None
     if pair_specs:
         noise = needs_noise_run(tolerances, output_names, bool(layer_matches))
@@ -260,10 +280,23 @@ def compare_models(
             record = run_side_by_side(source, lineup, judge.observe, show_progress=show_progress)
         else:  # outputs alone: one session at a time
 
-            def make_noise() -> Any:  # made when its turn comes: only its bytes outlive this
-                noisy = in_memory(rounding_noise_copy(ref_model, seed)).SerializeToString()
-                release_memory()  # the two full copies it took are garbage: give them back
-                return make(noisy, ref_config, label="rounding noise")
+            def make_noise() -> Any:  # made when its turn comes
+                noisy = rounding_noise_copy(ref_model, seed)
+                if engine != "onnxruntime":
+                    serialized = in_memory(noisy).SerializeToString()
+                    release_memory()
+                    return make(serialized, ref_config, label="rounding noise")
+                # Streamed to a file with external data, tensor by tensor, for ONNX Runtime to
+                # read: the copy's weights are never held twice (a serialized copy beside the
+                # proto was the peak of the comparison's memory).
+                with tempfile.TemporaryDirectory(prefix="bnsurgery-noise-") as folder:
+                    path = Path(folder) / "noise.onnx"
+                    save_model(noisy, path, external_data=True, stream=True)
+                    del noisy
+                    release_memory()
+                    runner = make(str(path), ref_config, label="rounding noise")
+                    runner.activate()
+                return runner
 
             lineup.noise = make_noise if noise else None
             record = run_one_at_a_time(source, lineup, judge.observe, show_progress=show_progress)

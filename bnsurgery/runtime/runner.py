@@ -121,11 +121,13 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 class Runner:
-    """One model on one provider. `extra_outputs` are intermediate tensors to return as well."""
+    """One model on one provider: a ModelProto, its serialized bytes, or the path of its file
+    (ONNX Runtime then reads it itself). `extra_outputs` are intermediate tensors to return as
+    well (a ModelProto only)."""
 
     def __init__(
         self,
-        model: onnx.ModelProto | bytes,
+        model: onnx.ModelProto | bytes | str,
         config: ProviderConfig | None = None,
         *,
         extra_outputs: Sequence[str] = (),
@@ -137,7 +139,7 @@ class Runner:
         self.label = label or self.config.alias
         self.session: Any = None
         self.info: SessionInfo | None = None
-        # a serialized model (bytes) learns its outputs from the session
+        # a serialized model (bytes, a path) learns its outputs from the session
         graph = getattr(model, "graph", None)
         self.output_names: list[str] = [o.name for o in graph.output] if graph else []
 
