@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from bnsurgery.errors import DataError
 from bnsurgery.measure.targets import BnTarget
+from bnsurgery.model.dtypes import cast_checked
 from bnsurgery.model.edit import add_initializer, remove_initializers
 from bnsurgery.model.graph import NameGenerator, iter_scopes, node_inputs_with_implicit
 from bnsurgery.stats import Moments
@@ -69,7 +69,7 @@ class ParamWriter:
         np_dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         label = ("scale", "B", "mean", "variance")[slot - 1]
         try:
-            cast = checked_cast(np.asarray(value, dtype=np.float64), np_dtype)
+            cast = cast_checked(np.asarray(value, dtype=np.float64), np_dtype)
         except ValueError:  # not a floating-point type: no range to cast statistics into
             raise DataError(
                 f"BatchNormalization '{target.key}' stores its {label} as "
@@ -99,19 +99,6 @@ class ParamWriter:
             del graph.node[:]
             graph.node.extend(nodes)
         self._inits = {t.name: t for t in graph.initializer}
-
-
-def checked_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-    """float64 `value` cast to the floating-point `dtype`; None when a value is not finite
-    there (NaN, inf, or past the dtype's range). ValueError when `dtype` is not a float."""
-    limit = float(ml_dtypes.finfo(dtype).max)  # ValueError for integer types
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
-        cast = value.astype(dtype)
-    if cast.size == 0:
-        return cast
-    if not np.isfinite(cast.astype(np.float64)).all() or (np.abs(value) > limit).any():
-        return None
-    return cast
 
 
 def blend(

@@ -23,18 +23,12 @@ import onnx
 
 from bnsurgery.errors import BadInputError
 from bnsurgery.model.bn import BatchNormView, BnParams, check_param_shapes
+from bnsurgery.model.dtypes import is_float_array
 from bnsurgery.model.graph import GraphIndex, index_scopes
 from bnsurgery.onnxio import tensor_to_array
 
 BN_OP = "BatchNormalization"
 PARAM_LABELS = ("scale", "B", "mean", "var")
-
-try:  # ml_dtypes ships with onnx and gives bfloat16 a numpy dtype
-    import ml_dtypes
-
-    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - onnx always brings it today
-    BFLOAT16 = None
 
 
 def is_batchnorm(node: onnx.NodeProto) -> bool:
@@ -67,11 +61,6 @@ def stats_key(node: onnx.NodeProto, name_counts: Mapping[str, int]) -> str:
     if node.name and name_counts.get(node.name, 0) == 1:
         return node.name
     return node.output[0]
-
-
-def is_float_array(value: np.ndarray) -> bool:
-    """Floating point, bfloat16 included: a dtype BN parameters and fold weights may have."""
-    return value.dtype.kind == "f" or (BFLOAT16 is not None and value.dtype == BFLOAT16)
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from bnsurgery.model.sites import is_float_array
+from bnsurgery.model.dtypes import is_float_array
 from bnsurgery.passes.fold.context import ScopeContext
 from bnsurgery.passes.fold.plan import AFFINE_TARGETS, Refusal, Site
 

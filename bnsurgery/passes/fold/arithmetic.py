@@ -11,26 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # ml_dtypes ships with onnx and gives bfloat16 a numpy dtype
-    import ml_dtypes
-
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - onnx always brings it today
-    ml_dtypes = None
-    _BF16 = None
+from bnsurgery.model import dtypes
+from bnsurgery.model.dtypes import NATIVE_FLOATS as _NATIVE_FLOATS
+from bnsurgery.model.dtypes import dtype_max
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
-
-
-def dtype_max(dtype: np.dtype) -> float:
-    if _BF16 is not None and dtype == _BF16:
-        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    return float(np.finfo(dtype).max)
-
-
-_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _scaled(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -95,29 +82,12 @@ def _cast_scaled(value: Scaled, dtype: np.dtype) -> np.ndarray | None:
 
 
 def cast_checked(value: np.ndarray | Scaled, dtype: np.dtype) -> np.ndarray | None:
-    """Cast float64 results to the stored dtype; None if anything is non-finite or out of range.
-
-    The checks run on the cast (min/max reductions, no temporaries): a NaN, an infinity or a
-    value past the dtype's range shows up there as NaN or inf. Only when a value sits at the
-    dtype's max after the cast (it may have been rounded down onto it) is the float64 input
-    tested exactly against the range.
-    """
+    """Cast float64 results to the stored dtype; None if anything is non-finite or out of range
+    (model.dtypes.cast_checked). A Scaled weight is scaled and cast block by block."""
     dtype = np.dtype(dtype)
     if isinstance(value, Scaled):
         return _cast_scaled(value, dtype)
-    value = _f64(value)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as None
-        cast = value.astype(dtype)
-    if cast.size == 0:
-        return cast
-    check = cast if dtype in _NATIVE_FLOATS else cast.astype(np.float32)
-    lo, hi = float(np.min(check)), float(np.max(check))  # NaN propagates through min/max
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return None
-    limit = dtype_max(dtype)
-    if (hi >= limit or lo <= -limit) and (np.abs(value) > limit).any():
-        return None
-    return cast
+    return dtypes.cast_checked(value, dtype)
 
 
 def _channel_shape(axis: int, ndim: int, n: int) -> tuple[int, ...]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from bnsurgery.model.dtypes import is_float_array
 from bnsurgery.model.graph import GraphIndex, NameGenerator
 from bnsurgery.model.shapes import Shape, TensorShapes
-from bnsurgery.model.sites import is_float_array
 from bnsurgery.passes.fold import arithmetic as fm
 from bnsurgery.passes.fold.plan import Refusal, Write
 

@@ -18,6 +18,7 @@ import onnx
 from bnsurgery.errors import BnSurgeryError, is_onnxruntime_error
 from bnsurgery.model import sites
 from bnsurgery.model.bn import BatchNormView, BnParams
+from bnsurgery.model.dtypes import is_float_array
 from bnsurgery.model.graph import GraphIndex, index_scopes
 from bnsurgery.model.shapes import TensorShapes
 from bnsurgery.passes import PassResult
@@ -130,7 +131,7 @@ class ValidationContext:
         values = site.param_values(view)
         if any(v is None for v in values):
             return known
-        if not all(sites.is_float_array(v) for v in values):  # type: ignore[arg-type]
+        if not all(is_float_array(v) for v in values):  # type: ignore[arg-type]
             known.problem = "parameters are not floating point"
             return known
         try:

@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 
 from bnsurgery.errors import BadInputError
+from bnsurgery.model.dtypes import dtype_max
 from bnsurgery.model.graph import GraphIndex, iter_scopes
-from bnsurgery.passes.fold import arithmetic as fm
 from bnsurgery.passes.fold.report import FOLDED, BnDecision, dry_run_words
 from bnsurgery.validation.checks import Finding, Skip, check
 from bnsurgery.validation.checks.context import ValidationContext
 
-FP16_MAX = fm.dtype_max(np.dtype(np.float16))  # 65504
+FP16_MAX = dtype_max(np.dtype(np.float16))  # 65504
 
 KEPT_HINTS = {
     "training-mode": "export in eval mode (see bn-training-mode); then it folds",
