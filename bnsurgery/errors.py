@@ -133,3 +133,8 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message ("" when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def first_line_or_type(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return first_line(exc) or type(exc).__name__

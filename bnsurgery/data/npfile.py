@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnsurgery.errors import DataError, first_line
+from bnsurgery.errors import DataError, first_line_or_type
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first member, or an empty one
 NPY_MAGIC = b"\x93NUMPY"
@@ -52,7 +52,7 @@ def _reason(exc: BaseException) -> str:
     text = str(exc)
     if "pickle" in text.lower():  # object arrays: numpy's message names an option we lack
         return "it holds pickled Python objects, which bnsurgery does not load; save numeric arrays"
-    return first_line(exc) or type(exc).__name__
+    return first_line_or_type(exc)
 
 
 def npz_keys(path: Path) -> list[str]:

@@ -42,7 +42,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnsurgery.errors import BadInputError, DataError, EnvironmentProblem, first_line
+from bnsurgery.errors import (
+    BadInputError,
+    DataError,
+    EnvironmentProblem,
+    first_line_or_type,
+)
 from bnsurgery.measure.plan import Plan
 from bnsurgery.measure.ray_worker import Shard, ShardWorker, WaveResult, read_params
 from bnsurgery.measure.runner import MeasureRunner
@@ -204,7 +209,8 @@ def _connect(ray: Any, options: RayOptions) -> bool:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = options.address or "a local cluster"
-        raise EnvironmentProblem(f"cannot start Ray on {where}: {_line(exc)}") from None
+        why = first_line_or_type(exc)
+        raise EnvironmentProblem(f"cannot start Ray on {where}: {why}") from None
     return True
 
 
@@ -215,10 +221,6 @@ def _quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-
-def _line(exc: BaseException) -> str:
-    return first_line(exc) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ class Driver:
         try:
             return self.ray.get(refs)
         except self.ray.exceptions.RayError as exc:
-            raise EnvironmentProblem(f"a Ray worker failed: {_line(exc)}") from None
+            raise EnvironmentProblem(f"a Ray worker failed: {first_line_or_type(exc)}") from None
 
     def _describe(self, i: int) -> str:
         run = self.runs[i]
@@ -298,8 +300,8 @@ class Driver:
         """A worker died: replace it, or fail the job with one line (exit 3)."""
         if self.retries_left[i] <= 0:
             raise EnvironmentProblem(
-                f"{self._describe(i)} died in wave {wave} ({_line(exc)}); no statistics "
-                "were written"
+                f"{self._describe(i)} died in wave {wave} ({first_line_or_type(exc)}); "
+                "no statistics were written"
             )
         self.retries_left[i] -= 1
         self.retried.append(f"{self._describe(i)}, wave {wave}")

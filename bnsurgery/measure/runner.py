@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnsurgery.errors import BadInputError, BnSurgeryError, DataError, first_line
+from bnsurgery.errors import (
+    BadInputError,
+    BnSurgeryError,
+    DataError,
+    first_line_or_type,
+)
 from bnsurgery.onnxio import serialize_if_small
 from bnsurgery.runtime.arena import shared_cpu_arena
 from bnsurgery.runtime.isolation import release_free_heap
@@ -134,7 +139,8 @@ class MeasureRunner:
         except BnSurgeryError:
             raise
         except Exception as exc:
-            raise BadInputError(f"ONNX Runtime cannot load the model: {_message(exc)}") from None
+            why = first_line_or_type(exc)
+            raise BadInputError(f"ONNX Runtime cannot load the model: {why}") from None
         if self.session_info is None:
             self.session_info = info.to_dict()
         del serialized
@@ -162,10 +168,6 @@ def run_batch(
         values = session.run(names, feed)
     except Exception as exc:
         raise DataError(
-            f"running the model on DATA failed at batch {batch}: {_message(exc)}"
+            f"running the model on DATA failed at batch {batch}: {first_line_or_type(exc)}"
         ) from None
     return dict(zip(names, values, strict=True))
-
-
-def _message(exc: BaseException) -> str:
-    return first_line(exc) or type(exc).__name__

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line
+from bnsurgery.errors import BadInputError, EnvironmentProblem, first_line_or_type
 
 INSTALL_LINE = (
     "install one ONNX Runtime: pip install 'bnsurgery[cpu]' (onnxruntime), 'bnsurgery[gpu]' "
@@ -186,7 +186,7 @@ def register_library(name: str, path: str, package: str | None = None) -> Librar
                 ort.register_execution_provider_library(name, path)
             except Exception as exc:
                 raise EnvironmentProblem(
-                    f"{name}: ONNX Runtime could not register {path}: {_first_line(exc)}"
+                    f"{name}: ONNX Runtime could not register {path}: {first_line_or_type(exc)}"
                 ) from None
             added = [d.ep_name for d in ort.get_ep_devices() if _key(d) not in before]
             library = Library(name, path, list(dict.fromkeys(added)), package)
@@ -264,7 +264,7 @@ def plugin_packages() -> tuple[PluginPackage, ...]:
             )
         except Exception as exc:  # a broken plugin package is listed, not fatal
             packages[normal] = PluginPackage(
-                name, dist.version, module_name, default_ep, None, _first_line(exc)
+                name, dist.version, module_name, default_ep, None, first_line_or_type(exc)
             )
     return tuple(packages.values())
 
@@ -284,7 +284,3 @@ def register_package_for(ep_name: str) -> Library | None:
             continue
         return register_library(package.ep_name, package.library_path, package.distribution)
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    return first_line(exc) or type(exc).__name__

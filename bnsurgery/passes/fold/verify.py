@@ -29,7 +29,7 @@ from bnsurgery.errors import (
     BadInputError,
     BnSurgeryError,
     CheckFailed,
-    first_line,
+    first_line_or_type,
     is_onnxruntime_error,
 )
 from bnsurgery.harness.metrics import ErrorMetrics
@@ -116,7 +116,7 @@ def _judge_on_reference(
 
 
 def _first_line(exc: BaseException) -> str:
-    return first_line(exc)[:200] or type(exc).__name__
+    return first_line_or_type(exc)[:200]
 
 
 def verify_equivalent(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from bnsurgery.errors import BadInputError, first_line
+from bnsurgery.errors import BadInputError, first_line_or_type
 from bnsurgery.onnxio import EXTERNAL_DATA_THRESHOLD, check_model
 from bnsurgery.validation.checks import Finding, check
 from bnsurgery.validation.checks.context import ValidationContext
@@ -48,7 +48,7 @@ def shape_inference(ctx: ValidationContext) -> Iterator[Finding]:
                 ctx.model, check_type=True, strict_mode=True, data_prop=True
             )
     except Exception as exc:  # InferenceError, ValidationError, or a protobuf complaint
-        why = first_line(exc) or type(exc).__name__
+        why = first_line_or_type(exc)
         yield shape_inference.finding(f"strict shape inference fails: {why}")
 
 
