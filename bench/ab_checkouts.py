@@ -56,19 +56,21 @@ def tasks(model: Path, out: Path) -> dict[str, list[str]]:
 
 def run(before: Path, after: Path, model: Path, rounds: int) -> dict[str, Any]:
     walls: dict[str, dict[str, list[float]]] = {}
+    envs = {
+        side: dict(os.environ, PYTHONPATH=str(c))
+        for side, c in (("before", before), ("after", after))
+    }
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.onnx"
-        for name, argv in tasks(model, out).items():
-            walls[name] = {"before": [], "after": []}
-            for _ in range(rounds):
-                for side, checkout in (("before", before), ("after", after)):
-                    env = dict(os.environ, PYTHONPATH=str(checkout))
-                    cwd = os.getcwd()
-                    os.chdir(tmp)  # nothing importable here
-                    try:
+        os.chdir(tmp)  # the children start here: nothing importable
+        try:
+            for name, argv in tasks(model, Path(tmp) / "out.onnx").items():
+                walls[name] = {"before": [], "after": []}
+                for _ in range(rounds):
+                    for side, env in envs.items():
                         walls[name][side].append(measure(argv, env=env)["wall_s"])
-                    finally:
-                        os.chdir(cwd)
+        finally:
+            os.chdir(cwd)
     results = {}
     for name, sides in walls.items():
         b, a = statistics.median(sides["before"]), statistics.median(sides["after"])
