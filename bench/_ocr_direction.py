@@ -38,6 +38,7 @@ VERSION = "1.4.4"
 MEMBER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 MODEL_PATH = CACHE / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 LICENCE = "Apache-2.0 (wheel metadata of rapidocr_onnxruntime 1.4.4; PaddleOCR models)"
+TASK = "rendered text lines, upright or rotated by 180 degrees"
 FONTS = Path("/usr/share/fonts/truetype/dejavu")
 SHAPE = (3, 48, 192)
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -47,24 +48,30 @@ class Unavailable(RuntimeError):
     """The model cannot be fetched here (no package index, no pip)."""
 
 
-def fetch_model() -> Path:
-    """The classifier's .onnx, downloaded (once) from the wheel into bench/.cache/models/."""
-    if MODEL_PATH.is_file():
-        return MODEL_PATH
+def fetch_member(package: str, version: str, member: str, path: Path) -> Path:
+    """`member` of the wheel `package==version`, downloaded (once) into bench/.cache/wheels/
+    and unpacked to `path`."""
+    if path.is_file():
+        return path
     wheels = CACHE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    wheel = next(iter(wheels.glob(f"{PACKAGE}-{VERSION}-*.whl")), None)
+    wheel = next(iter(wheels.glob(f"{package}-{version}-*.whl")), None)
     if wheel is None:
-        cmd = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={VERSION}", "--no-deps"]
+        cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps"]
         proc = subprocess.run([*cmd, "-d", str(wheels)], capture_output=True, text=True)
-        wheel = next(iter(wheels.glob(f"{PACKAGE}-{VERSION}-*.whl")), None)
+        wheel = next(iter(wheels.glob(f"{package}-{version}-*.whl")), None)
         if proc.returncode != 0 or wheel is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise Unavailable(f"pip download {PACKAGE}=={VERSION} failed: {tail[0]}")
-    MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+            raise Unavailable(f"pip download {package}=={version} failed: {tail[0]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
-        MODEL_PATH.write_bytes(archive.read(MEMBER))
-    return MODEL_PATH
+        path.write_bytes(archive.read(member))
+    return path
+
+
+def fetch_model() -> Path:
+    """The classifier's .onnx, downloaded (once) from the wheel into bench/.cache/models/."""
+    return fetch_member(PACKAGE, VERSION, MEMBER, MODEL_PATH)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -97,17 +104,28 @@ def render_line(rng: np.random.Generator, fonts: list[Path]) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def render_set(count: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """`count` lines (half upright, half rotated by 180 degrees) and their labels (0 / 1)."""
+def rotated_set(
+    count: int,
+    seed: int,
+    render: Callable[[np.random.Generator, list[Path]], np.ndarray],
+    label_of_turns: dict[int, int],
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """`count` rendered images, cycling through the quarter turns (counter-clockwise, as
+    `np.rot90`) that `label_of_turns` maps to the model's labels, and those labels."""
     rng = np.random.default_rng(seed)
     fonts = _fonts()
+    turns = list(label_of_turns)
     images, labels = [], []
     for i in range(count):
-        line = render_line(rng, fonts)
-        flip = i % 2
-        images.append(np.ascontiguousarray(line[::-1, ::-1]) if flip else line)
-        labels.append(flip)
+        k = turns[i % len(turns)]
+        images.append(np.ascontiguousarray(np.rot90(render(rng, fonts), k)))
+        labels.append(label_of_turns[k])
     return images, np.array(labels, dtype=np.int64)
+
+
+def render_set(count: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """`count` lines (half upright, half rotated by 180 degrees) and their labels (0 / 1)."""
+    return rotated_set(count, seed, render_line, {0: 0, 2: 1})
 
 
 # -- the package's preprocessing ----------------------------------------------------------------

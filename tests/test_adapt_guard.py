@@ -12,10 +12,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
-from conftest import sha256
+import pytest
+from conftest import SAMPLES, sha256
 from onnx import TensorProto, helper, numpy_helper
 
-from bnsurgery.passes.adapt_guard import FAR_SHARE, drift
+from bnsurgery.passes.adapt_guard import (
+    FAR_SHARE,
+    FLIP_SHARE,
+    INFO_GAIN,
+    MANY_FLIPS,
+    Evidence,
+    drift,
+    harm_figure,
+    information,
+)
 
 
 def _model() -> onnx.ModelProto:
@@ -58,6 +68,54 @@ def test_the_drift_rule_counts_deep_channels_moved_by_more_than_one_stored_std()
     assert loud["largest_move"] == 3.0
 
 
+def test_information_is_diversity_minus_uncertainty() -> None:
+    sure_and_diverse = np.array([[1.0, 0.0], [0.0, 1.0]])
+    collapsed = np.array([[1.0, 0.0], [1.0, 0.0]])
+    unsure = np.full((2, 2), 0.5)
+    assert information(sure_and_diverse) == pytest.approx(np.log(2))
+    assert information(collapsed) == pytest.approx(0.0, abs=1e-9)
+    assert information(unsure) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("agreement", "info_after", "warns"),
+    [
+        (100.0 * (1 - FLIP_SHARE) + 0.1, 0.3, False),  # hardly any flips: (b) stays silent
+        (100.0 * (1 - FLIP_SHARE) - 0.1, 0.5 - 1e-3, True),  # a few flips that lose information
+        (100.0 * (1 - MANY_FLIPS) + 0.1, 0.5 + 1e-3, False),  # a few flips, any gain explains
+        (70.0, 0.5 * (1 + INFO_GAIN) - 1e-3, True),  # many flips, too little gain
+        (70.0, 0.5 * (1 + INFO_GAIN) + 1e-3, False),  # the flips made it surer or more diverse
+        (70.0, 0.3, True),  # many flips that lose information
+    ],
+)
+def test_the_flip_rule_needs_a_gain_in_information(agreement, info_after, warns) -> None:
+    quiet_drift = {"warn": False, "far_channels": 0, "deep_channels": 8}
+    evidence = Evidence(target_agreement=agreement, information_before=0.5)
+    evidence.information_after = info_after
+    figure = harm_figure(quiet_drift, evidence)
+    assert figure["warn"] is warns and figure["unexplained_flips"] is warns
+    assert figure["target_flips"] == pytest.approx(1 - agreement / 100, abs=1e-4)
+    assert harm_figure(quiet_drift, None)["warn"] is False  # no predictions, no rule (b)
+
+
+def test_plain_reestimation_that_helps_a_collapsed_model_does_not_warn(cli, tmp_path) -> None:
+    """The digits CNN on low-contrast digits predicts one class, confidently; plain AdaBN brings
+    it back (about 10 % -> 97 %). Its predictions get *less* sure on average, so a rule on
+    entropy alone would warn; they become far more informative, so the flip rule does not."""
+    train = np.load(SAMPLES / "digits_train.npz")["input"]
+    mean = train.mean(axis=(1, 2, 3), keepdims=True)
+    np.savez(tmp_path / "t.npz", input=((train - mean) * 0.3 + mean).astype(np.float32))
+    code, stdout, err = cli(
+        "reestimate", SAMPLES / "digits_cnn.onnx", "--data", tmp_path / "t.npz",
+        "-o", tmp_path / "out.onnx", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    figure = json.loads(stdout)["drift"]
+    assert figure["entropy_rise"] > 0.1 and figure["target_flips"] > 0.5
+    assert figure["information_gain"] > 10 and not figure["warn"]
+    assert "warning" not in err
+
+
 def test_plain_reestimation_that_lowers_accuracy_is_refused_and_nothing_is_written(
     cli, tmp_path
 ) -> None:
@@ -75,7 +133,10 @@ def test_plain_reestimation_that_lowers_accuracy_is_refused_and_nothing_is_writt
     assert ev["refused"] and ev["accuracy_after"] < ev["accuracy_before"] - 0.5
     assert ev["held_out"] == 100  # a quarter of the 400 samples
     assert payload["drift"]["warn"] and "warning: plain re-estimation" in err
-    assert payload["drift"]["far_channels"] == 1 and payload["drift"]["entropy_rise"] > 0.1
+    assert payload["drift"]["far_channels"] == 1
+    # rule (a) catches it; (b) cannot: the target's classes really are skewed (feature 0 at
+    # +2), so the predictions that re-centring makes more diverse also look more informative
+    assert not payload["drift"]["unexplained_flips"] and payload["drift"]["target_flips"] > 0.3
     assert "--source" in err
     # --force writes it anyway, and says so
     code, stdout, err = cli(

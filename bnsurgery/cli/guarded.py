@@ -10,7 +10,7 @@ from typing import Any
 
 from bnsurgery.cli.render import emit, info, save_and_emit
 from bnsurgery.errors import CheckFailed
-from bnsurgery.passes.adapt_guard import ENTROPY_RISE, drift, drift_warning, entropy_rise
+from bnsurgery.passes.adapt_guard import drift, drift_warning, harm_figure
 
 
 def finish(
@@ -26,13 +26,9 @@ def finish(
     """Add the drift figure and the evidence, warn, then write or refuse (exit 1)."""
     relative = "source_relative" in (reestimate_report.extras if reestimate_report else {})
     if reestimate_report is not None and reestimate_report.bns:
-        figure = drift(reestimate_report.bns)
         evidence = outcome.evidence if outcome is not None else None
-        rise = entropy_rise(
-            getattr(evidence, "entropy_before", None), getattr(evidence, "entropy_after", None)
-        )
-        figure["entropy_rise"] = None if rise is None else round(rise, 4)
-        figure["warn"] = (figure["warn"] or (rise or 0.0) > ENTROPY_RISE) and not relative
+        figure = harm_figure(drift(reestimate_report.bns), evidence)
+        figure["warn"] = figure["warn"] and not relative
         payload["drift"] = figure
         if figure["warn"]:
             info(drift_warning(figure))

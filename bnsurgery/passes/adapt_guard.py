@@ -1,13 +1,17 @@
 """Evidence that an adaptation helps: the drift warning, the labelled guard and label-free signals.
 
-- **Drift warning** (`drift`, `warn_plain`): plain re-estimation replaces stored statistics
-  that describe the model's training data. It is flagged as likely to hurt when either
-  (a) the new means of the deep BNs (the later half in graph order) move by more than one
-  stored standard deviation on at least `FAR_SHARE` of their channels: the user's data is far
-  from the training data; or (b) the re-estimated model is less sure of the target than the
-  original: its mean prediction entropy there rises by more than `ENTROPY_RISE` (relative).
-  AdaBN that helps makes a model surer of the shifted data; one that mixes a domain gap into
-  the statistics typically makes it less sure. One warning line, suggesting `--source`.
+- **Drift warning** (`drift`, `harm_figure`, `drift_warning`): plain re-estimation replaces
+  stored statistics that describe the model's training data. It is flagged as likely to hurt
+  when either (a) the new means of the deep BNs (the later half in graph order) move by more
+  than one stored standard deviation on at least `FAR_SHARE` of their channels: the user's data
+  is far from the training data; or (b) it changes the top class of part of the target without
+  making the predictions more informative, measured by the mutual information between input
+  and predicted class, I = H(mean p) - mean H(p) (the information-maximisation score of
+  test-time adaptation): at least `FLIP_SHARE` of the target flips and I falls, or at least
+  `MANY_FLIPS` flips and I rises by less than `INFO_GAIN` (relative). AdaBN that corrects a
+  shift turns the original's errors into confident and diverse predictions, so I rises with
+  the flips; one that mixes a domain gap into the statistics flips decisions at no gain in I.
+  One warning line, suggesting `--source`.
 - **Guard** (`split_labelled`, `evaluate`): when DATA carries labels, a held-out part of it
   (`HOLDOUT` of the samples, a fixed-seed draw) is kept out of the adaptation and the original
   and adapted models' accuracies are measured on it; an adaptation that lowers accuracy by
@@ -27,7 +31,9 @@ import onnx
 
 FAR_MOVE = 1.0  # stored standard deviations a channel's mean moves to count as "far"
 FAR_SHARE = 0.10  # of the deep BNs' channels, past which plain re-estimation is flagged
-ENTROPY_RISE = 0.10  # relative rise of the target's mean prediction entropy that flags harm
+FLIP_SHARE = 0.005  # of the target whose top class changes: flips that need I not to fall
+MANY_FLIPS = 0.05  # flips that need I to rise by INFO_GAIN
+INFO_GAIN = 0.10  # relative rise of I that explains many flips
 HOLDOUT = 0.25  # share of labelled DATA held out to measure accuracy
 DEFAULT_MAX_DROP = 0.5  # accuracy points
 SPLIT_SEED = 0
@@ -67,13 +73,42 @@ def entropy_rise(before: float | None, after: float | None) -> float | None:
     return (after - before) / max(before, 1e-6)
 
 
-def drift_warning(figure: Mapping[str, Any]) -> str:
-    rise = figure.get("entropy_rise")
-    why = (
-        f"made the model less sure of the target (entropy +{rise:.0%})"
-        if rise is not None and rise > ENTROPY_RISE
-        else "moved the statistics far"
+def harm_figure(figure: dict[str, Any], evidence: Evidence | None) -> dict[str, Any]:
+    """`drift`'s figure with the label-free prediction signals of rule (b) added and `warn`
+    set by both rules; (b) needs the evidence's predictions on the target."""
+    out = dict(figure)
+    flips = gain = None
+    if evidence is not None and evidence.target_agreement is not None:
+        flips = 1.0 - evidence.target_agreement / 100.0
+        before, after = evidence.information_before, evidence.information_after
+        gain = (after - before) / max(before, 1e-6)  # type: ignore[operator]
+    rise = entropy_rise(
+        getattr(evidence, "entropy_before", None), getattr(evidence, "entropy_after", None)
     )
+    out["entropy_rise"] = None if rise is None else round(rise, 4)
+    out["target_flips"] = None if flips is None else round(flips, 4)
+    out["information_gain"] = None if gain is None else round(gain, 4)
+    out["flip_rule"] = (
+        f"top class changed on >= {FLIP_SHARE:.0%} of the target while the information "
+        f"H(mean p) - mean H(p) fell, or on >= {MANY_FLIPS:.0%} while it rose by < {INFO_GAIN:.0%}"
+    )
+    unexplained = flips is not None and (
+        (flips >= FLIP_SHARE and gain < 0.0) or (flips >= MANY_FLIPS and gain < INFO_GAIN)  # type: ignore[operator]
+    )
+    out["unexplained_flips"] = bool(unexplained)
+    out["warn"] = bool(figure["warn"] or unexplained)
+    return out
+
+
+def drift_warning(figure: Mapping[str, Any]) -> str:
+    if figure.get("unexplained_flips"):
+        gain = figure["information_gain"]
+        why = (
+            f"changed the top class of {figure['target_flips']:.1%} of the target without "
+            f"making the predictions more informative (information {gain:+.1%})"
+        )
+    else:
+        why = "moved the statistics far"
     return (
         f"warning: plain re-estimation {why}; {figure['far_channels']} of "
         f"{figure['deep_channels']} deep BN channels moved by more than {FAR_MOVE:g} stored std "
@@ -186,6 +221,13 @@ def entropy(probs: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum(axis=1).mean())
 
 
+def information(probs: np.ndarray) -> float:
+    """Mutual information between input and predicted class, in nats: the entropy of the mean
+    prediction (how diverse) minus the mean prediction entropy (how unsure)."""
+    mean = np.clip(probs.mean(axis=0), 1e-12, 1.0)
+    return float(-(mean * np.log(mean)).sum()) - entropy(probs)
+
+
 @dataclass
 class Evidence:
     """The before/after numbers of one adaptation."""
@@ -195,6 +237,9 @@ class Evidence:
     accuracy_after: float | None = None
     entropy_before: float | None = None
     entropy_after: float | None = None
+    information_before: float | None = None
+    information_after: float | None = None
+    target_agreement: float | None = None  # % of the target whose top class is unchanged
     source_agreement: float | None = None
     source_accuracy_before: float | None = None
     source_accuracy_after: float | None = None
@@ -219,6 +264,12 @@ class Evidence:
             out.append(
                 f"mean prediction entropy on the target: {self.entropy_before:.4f} -> "
                 f"{self.entropy_after:.4f} nats"
+            )
+        if self.target_agreement is not None:
+            out.append(
+                f"original and adapted agree on {self.target_agreement:.2f} % of the target; "
+                f"information of their predictions {self.information_before:.4f} -> "
+                f"{self.information_after:.4f} nats"
             )
         if self.source_accuracy_before is not None:
             out.append(
@@ -247,8 +298,12 @@ def evaluate(
         evidence.accuracy_after = accuracy(predictions(adapted, held_out), held_out.labels)
         evidence.refused = evidence.accuracy_after < evidence.accuracy_before - max_drop
     if target is not None:
-        evidence.entropy_before = entropy(predictions(original, target))
-        evidence.entropy_after = entropy(predictions(adapted, target))
+        before, after = predictions(original, target), predictions(adapted, target)
+        evidence.entropy_before, evidence.entropy_after = entropy(before), entropy(after)
+        evidence.information_before = information(before)
+        evidence.information_after = information(after)
+        same = before.argmax(axis=1) == after.argmax(axis=1)
+        evidence.target_agreement = float(same.mean() * 100.0)
     if source is not None:
         before, after = predictions(original, source), predictions(adapted, source)
         same = before.argmax(axis=1) == after.argmax(axis=1)
