@@ -21,10 +21,13 @@ from bnsurgery.passes.adapt_guard import (
     FLIP_SHARE,
     INFO_GAIN,
     MANY_FLIPS,
+    SIGNIFICANCE,
     Evidence,
+    better_p,
     drift,
     harm_figure,
     information,
+    sign_test_p,
 )
 
 
@@ -208,9 +211,49 @@ def test_auto_picks_a_candidate_on_held_out_labels_and_says_why(cli, tmp_path) -
     assert code == 0, err
     auto = json.loads(stdout)["auto"]
     assert auto["chosen"].startswith("source-relative")
-    assert "held-out accuracy" in auto["reason"]
+    assert "held-out accuracy" in auto["reason"] and "one-sided p = " in auto["reason"]
     assert {t["candidate"] for t in auto["tried"]} >= {"none", "plain", "source-relative"}
+    chosen = next(t for t in auto["tried"] if t["candidate"] == auto["chosen"])
+    assert chosen["p_value"] < SIGNIFICANCE
     assert out.is_file()
+
+
+def test_auto_writes_nothing_on_a_gain_too_small_to_measure(cli, tmp_path) -> None:
+    """The same helpful shift as above, but 16 samples: 4 held out, and even 4 fixed of 4
+    (p = 1/16) is not a measured reason to write an adapted model."""
+    model = tmp_path / "net.onnx"
+    onnx.save(_model(), model)
+    target = _data(2, n=16)
+    target["x"][:, 1] += 3.0
+    np.savez(tmp_path / "t.npz", **target)
+    np.savez(tmp_path / "s.npz", x=_data(1)["x"])
+    out = tmp_path / "out.onnx"
+    code, stdout, err = cli(
+        "reestimate", model, "--data", tmp_path / "t.npz", "--source", tmp_path / "s.npz",
+        "--auto", "-o", out, "--json",
+    )  # fmt: skip
+    assert code == 1 and not out.exists(), err
+    auto = json.loads(stdout)["auto"]
+    assert auto["chosen"] == "none" and "measurably" in auto["reason"]
+    assert all(t["p_value"] >= SIGNIFICANCE for t in auto["tried"][1:])
+
+
+@pytest.mark.parametrize(
+    ("wins", "losses", "p"),
+    [(0, 0, 1.0), (4, 0, 1 / 16), (5, 0, 1 / 32), (8, 1, 10 / 512), (3, 3, 42 / 64)],
+)
+def test_the_sign_test_is_exact(wins, losses, p) -> None:
+    assert sign_test_p(wins, losses) == pytest.approx(p)
+
+
+def test_without_labels_measurably_better_means_a_paired_entropy_decrease() -> None:
+    rng = np.random.default_rng(0)
+    unsure = rng.dirichlet([2, 2], size=200)
+    surer = np.clip(unsure + np.where(unsure > 0.5, 0.2, -0.2), 0.01, 0.99)
+    surer /= surer.sum(axis=1, keepdims=True)
+    assert better_p(unsure, surer, None).p_value < 1e-6
+    assert better_p(unsure, unsure, None).p_value == 1.0
+    assert better_p(surer, unsure, None).p_value > 0.99
 
 
 def test_auto_writes_nothing_when_no_candidate_beats_the_original(cli, tmp_path) -> None:

@@ -11,8 +11,13 @@ With `auto`, it tries a few candidates on the same split and keeps the best:
 - with SOURCE: `source-relative`, and the same with prior N = n and on the first half of the BNs.
 
 The score is the held-out accuracy when TARGET has labels, else minus the mean prediction
-entropy on the held-out target. The original model is a candidate too (`none`); when nothing
-beats it (ties included) nothing is written.
+entropy on the held-out target. The original model is a candidate too (`none`). A candidate
+counts only when it beats the original *measurably* on the held-out samples, paired sample by
+sample: with labels, an exact one-sided sign test on the samples it fixes against those it
+breaks; without, a one-sided paired test of the per-sample entropy decrease; both at
+`SIGNIFICANCE` (adapt_guard.better_p). A gain of one or two samples out of a few hundred is
+selection noise, not a reason to write an adapted model. When no candidate counts, nothing is
+written.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from bnsurgery.passes import PassResult
 from bnsurgery.passes.adapt_guard import (
     DEFAULT_MAX_DROP,
     HOLDOUT,
+    SIGNIFICANCE,
     Arrays,
     Evidence,
-    accuracy,
-    entropy,
+    better_p,
     evaluate,
     predictions,
     read_all,
@@ -141,13 +146,11 @@ def guarded(
 def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, max_drop) -> Outcome:
     labelled = held_out.labels is not None
     measure = "held-out accuracy (%)" if labelled else "minus held-out mean entropy (nats)"
-
-    def score(m: onnx.ModelProto) -> float:
-        probs = predictions(m, held_out)
-        return accuracy(probs, held_out.labels) if labelled else -entropy(probs)
-
-    best_label, best_score, best = "none", score(model), None
-    tried = [{"candidate": "none", "score": round(best_score, 4)}]
+    original = predictions(model, held_out)
+    base = better_p(original, original, held_out.labels)
+    best_label, best_score, best, best_p = "none", base.score_before, None, 1.0
+    tried: list[dict[str, Any]] = [{"candidate": "none", "score": round(best_score, 4)}]
+    runner_up: tuple[str, float, float] | None = None  # the best one that was not measurable
     adapt_data = _as_data(adapt_part)
     for c in candidates(model, source_data is not None, nodes):
         prior = None if c.prior_factor is None else c.prior_factor * adapt_part.size
@@ -157,18 +160,35 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
             prior,
             _selection(model, nodes, c.first),
         )
-        value = score(result.model)
-        tried.append({"candidate": c.label, "prior": prior, "score": round(value, 4)})
-        if value > best_score:
-            best_label, best_score, best = c.label, value, result
-    reason = (
-        f"best {measure} on {held_out.size} held-out target samples: {best_score:.4g} "
-        f"(original {tried[0]['score']:.4g})"
-    )
+        test = better_p(original, predictions(result.model, held_out), held_out.labels)
+        tried.append(
+            {
+                "candidate": c.label,
+                "prior": prior,
+                "score": round(test.score_after, 4),
+                "p_value": round(test.p_value, 4),
+            }
+        )
+        if test.p_value >= SIGNIFICANCE:
+            if runner_up is None or test.score_after > runner_up[1]:
+                runner_up = (c.label, test.score_after, test.p_value)
+            continue
+        if test.score_after > best_score:
+            best_label, best_score, best, best_p = c.label, test.score_after, result, test.p_value
     if best is None:
-        reason = f"no candidate beats the original on {measure} ({tried[0]['score']:.4g})"
+        reason = (
+            f"no candidate beats the original measurably on {measure} ({tried[0]['score']:.4g}; "
+            f"one-sided p < {SIGNIFICANCE:g} on {held_out.size} held-out samples)"
+        )
+        if runner_up is not None and runner_up[1] > base.score_before:
+            label, value, p_value = runner_up
+            reason += f"; best {label}: {value:.4g}, p = {p_value:.2g}"
         evidence = Evidence(held_out=held_out.size, max_drop=max_drop, refused=True)
         return Outcome(None, evidence, best_label, reason, tried)
+    reason = (
+        f"best {measure} on {held_out.size} held-out target samples: {best_score:.4g} "
+        f"(original {tried[0]['score']:.4g}; one-sided p = {best_p:.2g} < {SIGNIFICANCE:g})"
+    )
     _describe(best, None, adapt_part, source_all)
     evidence = evaluate(model, best.model, held_out, held_out, source_all, max_drop)
     return Outcome(best, evidence, best_label, reason, tried)

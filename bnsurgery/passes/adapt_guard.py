@@ -18,10 +18,14 @@
   more than `max_drop` points is refused unless forced.
 - **Label-free signals**: the mean prediction entropy of the original and adapted models on the
   target, and their agreement (same top class) on the source.
+- **Measurably better** (`better_p`): whether an adapted model beats the original on the same
+  samples, paired, with a one-sided p-value; `--auto` keeps a candidate only below
+  `SIGNIFICANCE`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,7 @@ FAR_SHARE = 0.10  # of the deep BNs' channels, past which plain re-estimation is
 FLIP_SHARE = 0.005  # of the target whose top class changes: flips that need I not to fall
 MANY_FLIPS = 0.05  # flips that need I to rise by INFO_GAIN
 INFO_GAIN = 0.10  # relative rise of I that explains many flips
+SIGNIFICANCE = 0.05  # one-sided p below which a candidate beats the original measurably
 HOLDOUT = 0.25  # share of labelled DATA held out to measure accuracy
 DEFAULT_MAX_DROP = 0.5  # accuracy points
 SPLIT_SEED = 0
@@ -312,3 +317,49 @@ def evaluate(
             evidence.source_accuracy_before = accuracy(before, source.labels)
             evidence.source_accuracy_after = accuracy(after, source.labels)
     return evidence
+
+
+@dataclass
+class PairedTest:
+    """Two models' score on the same samples and how sure it is that the second is better."""
+
+    score_before: float
+    score_after: float
+    p_value: float
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact one-sided sign test: P(at least `wins` of the `wins + losses` samples on which the
+    two models disagree go the adapted model's way, were each a fair coin)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0**n
+
+
+def better_p(before: np.ndarray, after: np.ndarray, labels: np.ndarray | None) -> PairedTest:
+    """Is `after` (probabilities on the same samples as `before`) better than `before`? With
+    labels: accuracy (%), and the sign test on the samples one gets right and the other wrong.
+    Without: minus the mean prediction entropy, and a one-sided paired test (normal
+    approximation) of the per-sample entropy decrease."""
+    if labels is not None:
+        right_before = before.argmax(axis=1) == labels.reshape(-1)
+        right_after = after.argmax(axis=1) == labels.reshape(-1)
+        wins = int((right_after & ~right_before).sum())
+        losses = int((right_before & ~right_after).sum())
+        return PairedTest(
+            accuracy(before, labels), accuracy(after, labels), sign_test_p(wins, losses)
+        )
+
+    def per_sample(probs: np.ndarray) -> np.ndarray:
+        p = np.clip(probs, 1e-12, 1.0)
+        return -(p * np.log(p)).sum(axis=1)
+
+    decrease = per_sample(before) - per_sample(after)
+    spread = float(decrease.std(ddof=1)) if decrease.size > 1 else 0.0
+    if spread == 0.0:
+        p_value = 0.0 if decrease.size > 1 and float(decrease.mean()) > 0 else 1.0
+    else:
+        z = float(decrease.mean()) / (spread / math.sqrt(decrease.size))
+        p_value = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return PairedTest(-entropy(before), -entropy(after), p_value)
