@@ -149,7 +149,8 @@ def guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--auto",
         is_flag=True,
         help="Try plain, source-relative, prior strengths and the first BNs only on a held-out "
-        "part of TARGET (accuracy with labels, else prediction entropy); keep the best.",
+        "part of TARGET (accuracy with labels, else prediction entropy); keep the best of those "
+        "that beat the original measurably (one-sided p < 0.05), else write nothing.",
     )(func)
     func = click.option(
         "--force", is_flag=True, help="Write the adapted model even when the guard refuses it."
