@@ -263,5 +263,5 @@ def test_auto_writes_nothing_when_no_candidate_beats_the_original(cli, tmp_path)
     out = tmp_path / "out.onnx"
     code, stdout, err = cli("reestimate", model, "--data", tmp_path / "t.npz", "--auto", "-o", out)
     assert code == 1 and not out.exists()
-    assert "no adaptation better than the original" in err
+    assert "found no adaptation to write" in err and "measurably" in err
     assert "auto: chose none" in stdout

@@ -36,7 +36,7 @@ def finish(
         payload.update(outcome.to_dict())
 
     def full_text() -> str:
-        lines = [text()]
+        lines = [line for line in [text()] if line]  # no report: no blank first line
         if outcome is not None:
             if outcome.tried:
                 lines.append(f"auto: chose {outcome.chosen}: {outcome.reason}")
@@ -49,7 +49,7 @@ def finish(
         emit(as_json, payload, full_text)
         ev = outcome.evidence
         if outcome.result is None:
-            why = f"--auto found no adaptation better than the original ({outcome.reason})"
+            why = f"--auto found no adaptation to write: {outcome.reason}"
         else:
             why = (
                 f"adaptation lowers held-out accuracy {ev.accuracy_before:.2f} % -> "

@@ -177,12 +177,12 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
             best_label, best_score, best, best_p = c.label, test.score_after, result, test.p_value
     if best is None:
         reason = (
-            f"no candidate beats the original measurably on {measure} ({tried[0]['score']:.4g}; "
-            f"one-sided p < {SIGNIFICANCE:g} on {held_out.size} held-out samples)"
+            f"no candidate beats the original measurably (one-sided p < {SIGNIFICANCE:g}) on "
+            f"{held_out.size} held-out samples; {measure}: original {tried[0]['score']:.4g}"
         )
         if runner_up is not None and runner_up[1] > base.score_before:
             label, value, p_value = runner_up
-            reason += f"; best {label}: {value:.4g}, p = {p_value:.2g}"
+            reason += f", best {label} {value:.4g} at p = {p_value:.2g}"
         evidence = Evidence(held_out=held_out.size, max_drop=max_drop, refused=True)
         return Outcome(None, evidence, best_label, reason, tried)
     reason = (
