@@ -8,6 +8,9 @@ Gemm(A, B', C'), which gives the shift a place to live.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx
 
 from bnsurgery.passes.fold import arithmetic as fm
@@ -26,17 +29,7 @@ def forward(
             "BN normalises axis 1 but MatMul's channels are its last axis; folds only 2-D",
         )
     s, t = site.channels(b_mat.shape[1], f"MatMul '{matmul.name}'")
-    if bias_add is None:
-        new_b, new_c = fm.matmul_forward(b_mat, None, s, t)
-        writes = ctx.writes(matmul, (1, new_b, b_mat.dtype, "B"), (2, new_c, b_mat.dtype, "C"))
-        return Plan(matmul, writes, become_gemm=True)
-    bias_index = 1 if bias_add.input[0] == matmul.output[0] else 0
-    bias = ctx.index.constant(bias_add.input[bias_index])
-    assert bias is not None  # checked by is_bias_add
-    new_b, new_bias = fm.matmul_forward(b_mat, bias, s, t)
-    writes = ctx.writes(matmul, (1, new_b, b_mat.dtype, "B"))
-    writes += ctx.writes(bias_add, (bias_index, new_bias, bias.dtype, "bias"))
-    return Plan(bias_add, writes)
+    return _rewrite(ctx, matmul, bias_add, b_mat, s, t, fm.matmul_forward, on_add=True)
 
 
 def backward(
@@ -50,17 +43,33 @@ def backward(
         raise Refusal("channel-axis-mismatch", "MatMul input is not proven 2-D")
     s, t = input_affine(ctx, site, matmul, flatten, k)
     bias_add = _bias_add_after(ctx, matmul)
+    return _rewrite(ctx, matmul, bias_add, b_mat, s, t, fm.matmul_backward, on_add=False)
+
+
+def _rewrite(
+    ctx: ScopeContext,
+    matmul: onnx.NodeProto,
+    bias_add: onnx.NodeProto | None,
+    b_mat: np.ndarray,
+    s: np.ndarray,
+    t: np.ndarray,
+    arithmetic: Callable[..., tuple[np.ndarray, np.ndarray]],
+    on_add: bool,
+) -> Plan:
+    """Both directions' writes: the weight, and the shift into the bias Add's constant, or,
+    with no Add, into C of the Gemm the MatMul becomes. `on_add`: the plan is attached to the
+    Add (forward: the BN sat after it) rather than to the MatMul."""
     if bias_add is None:
-        new_b, shift = fm.matmul_backward(b_mat, None, s, t)
+        new_b, shift = arithmetic(b_mat, None, s, t)
         writes = ctx.writes(matmul, (1, new_b, b_mat.dtype, "B"), (2, shift, b_mat.dtype, "C"))
         return Plan(matmul, writes, become_gemm=True)
     bias_index = 1 if bias_add.input[0] == matmul.output[0] else 0
     bias = ctx.index.constant(bias_add.input[bias_index])
-    assert bias is not None
-    new_b, new_bias = fm.matmul_backward(b_mat, bias, s, t)
+    assert bias is not None  # is_bias_add and _bias_add_after checked it
+    new_b, new_bias = arithmetic(b_mat, bias, s, t)
     writes = ctx.writes(matmul, (1, new_b, b_mat.dtype, "B"))
     writes += ctx.writes(bias_add, (bias_index, new_bias, bias.dtype, "bias"))
-    return Plan(matmul, writes)
+    return Plan(bias_add if on_add else matmul, writes)
 
 
 def is_bias_add(ctx: ScopeContext, add: onnx.NodeProto) -> bool:
