@@ -41,6 +41,7 @@ from bnsurgery.passes.adapt_guard import (
     evaluate,
     predictions,
     read_all,
+    score,
     split,
 )
 
@@ -153,8 +154,8 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
     labelled = held_out.labels is not None
     measure = "held-out accuracy (%)" if labelled else "minus held-out mean entropy (nats)"
     original = predictions(model, held_out)
-    base = better_p(original, original, held_out.labels)
-    best_label, best_score, best, best_p = "none", base.score_before, None, 1.0
+    base_score = score(original, held_out.labels)
+    best_label, best_score, best, best_p = "none", base_score, None, 1.0
     tried: list[dict[str, Any]] = [{"candidate": "none", "score": round(best_score, 4)}]
     runner_up: tuple[str, float, float] | None = None  # the best one that was not measurable
     adapt_data = _as_data(adapt_part)
@@ -186,7 +187,7 @@ def _choose(model, run, adapt_part, held_out, source_all, source_data, nodes, ma
             f"no candidate beats the original measurably (one-sided p < {SIGNIFICANCE:g}) on "
             f"{held_out.size} held-out samples; {measure}: original {tried[0]['score']:.4g}"
         )
-        if runner_up is not None and runner_up[1] > base.score_before:
+        if runner_up is not None and runner_up[1] > base_score:
             label, value, p_value = runner_up
             reason += f", best {label} {value:.4g} at p = {p_value:.2g}"
         evidence = Evidence(held_out=held_out.size, max_drop=max_drop, refused=True)

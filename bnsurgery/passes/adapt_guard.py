@@ -220,10 +220,25 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == labels.reshape(-1)).mean() * 100.0)
 
 
+def per_sample_entropy(probs: np.ndarray) -> np.ndarray:
+    """Each sample's prediction entropy in nats."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=1)
+
+
 def entropy(probs: np.ndarray) -> float:
     """Mean prediction entropy in nats."""
-    p = np.clip(probs, 1e-12, 1.0)
-    return float(-(p * np.log(p)).sum(axis=1).mean())
+    return float(per_sample_entropy(probs).mean())
+
+
+def score(probs: np.ndarray, labels: np.ndarray | None) -> float:
+    """What `--auto` maximises: accuracy (%) with labels, else minus the mean entropy."""
+    return accuracy(probs, labels) if labels is not None else -entropy(probs)
+
+
+def agreement(before: np.ndarray, after: np.ndarray) -> float:
+    """% of samples whose top class is the same in both."""
+    return float((before.argmax(axis=1) == after.argmax(axis=1)).mean() * 100.0)
 
 
 def information(probs: np.ndarray) -> float:
@@ -297,22 +312,25 @@ def evaluate(
     """Accuracy on the labelled held-out part (and the refusal rule), else entropy on the
     target; agreement (and accuracy, with labels) on the source."""
     evidence = Evidence(max_drop=max_drop)
+    held = None  # the two models' predictions on the held-out part, reused when it is the target
     if held_out is not None and held_out.labels is not None:
+        held = predictions(original, held_out), predictions(adapted, held_out)
         evidence.held_out = held_out.size
-        evidence.accuracy_before = accuracy(predictions(original, held_out), held_out.labels)
-        evidence.accuracy_after = accuracy(predictions(adapted, held_out), held_out.labels)
+        evidence.accuracy_before = accuracy(held[0], held_out.labels)
+        evidence.accuracy_after = accuracy(held[1], held_out.labels)
         evidence.refused = evidence.accuracy_after < evidence.accuracy_before - max_drop
     if target is not None:
-        before, after = predictions(original, target), predictions(adapted, target)
+        if held is not None and target is held_out:
+            before, after = held
+        else:
+            before, after = predictions(original, target), predictions(adapted, target)
         evidence.entropy_before, evidence.entropy_after = entropy(before), entropy(after)
         evidence.information_before = information(before)
         evidence.information_after = information(after)
-        same = before.argmax(axis=1) == after.argmax(axis=1)
-        evidence.target_agreement = float(same.mean() * 100.0)
+        evidence.target_agreement = agreement(before, after)
     if source is not None:
         before, after = predictions(original, source), predictions(adapted, source)
-        same = before.argmax(axis=1) == after.argmax(axis=1)
-        evidence.source_agreement = float(same.mean() * 100.0)
+        evidence.source_agreement = agreement(before, after)
         if source.labels is not None:
             evidence.source_accuracy_before = accuracy(before, source.labels)
             evidence.source_accuracy_after = accuracy(after, source.labels)
@@ -342,24 +360,18 @@ def better_p(before: np.ndarray, after: np.ndarray, labels: np.ndarray | None) -
     labels: accuracy (%), and the sign test on the samples one gets right and the other wrong.
     Without: minus the mean prediction entropy, and a one-sided paired test (normal
     approximation) of the per-sample entropy decrease."""
+    scores = score(before, labels), score(after, labels)
     if labels is not None:
         right_before = before.argmax(axis=1) == labels.reshape(-1)
         right_after = after.argmax(axis=1) == labels.reshape(-1)
         wins = int((right_after & ~right_before).sum())
         losses = int((right_before & ~right_after).sum())
-        return PairedTest(
-            accuracy(before, labels), accuracy(after, labels), sign_test_p(wins, losses)
-        )
-
-    def per_sample(probs: np.ndarray) -> np.ndarray:
-        p = np.clip(probs, 1e-12, 1.0)
-        return -(p * np.log(p)).sum(axis=1)
-
-    decrease = per_sample(before) - per_sample(after)
+        return PairedTest(*scores, sign_test_p(wins, losses))
+    decrease = per_sample_entropy(before) - per_sample_entropy(after)
     spread = float(decrease.std(ddof=1)) if decrease.size > 1 else 0.0
     if spread == 0.0:
         p_value = 0.0 if decrease.size > 1 and float(decrease.mean()) > 0 else 1.0
     else:
         z = float(decrease.mean()) / (spread / math.sqrt(decrease.size))
         p_value = 0.5 * math.erfc(z / math.sqrt(2.0))
-    return PairedTest(-entropy(before), -entropy(after), p_value)
+    return PairedTest(*scores, p_value)
